@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ccl.errors import UserError
-from ccl.model import ARCHS, auto_arch
+from ccl.model import ARCHS, auto_arch, memory_format
 from ccl.pipeline.augment import Augment
 from ccl.pipeline.loader import make_loader
 from ccl.pipeline.shards import ShardSet
@@ -137,7 +137,7 @@ def setup(cfg: TrainConfig, data_dir: Path) -> Run:
     small = shards.image_size is not None and max(shards.image_size) <= 64
     device = resolve_device(cfg.device)
     num_train = shards.count("train")
-    method = build_method(cfg, shards.num_classes, num_train, arch, small).to(device)
+    method = build_method(cfg, shards.num_classes, num_train, arch, small).to(device, memory_format=memory_format(device))
     if cfg.compile:
         for net in method.nets:
             net.compile()  # in place: the saved state_dict keeps the uncompiled module's keys
