@@ -6,3 +6,14 @@ import os
 # imports triton (torch and kornia may do so on import), so it is set here, before any test module is collected.
 # On a machine with a GPU, run the suite with TRITON_INTERPRET=0 to test the compiled kernels instead.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory):
+    """The built-in digits shards with 40% symmetric noise, built once for the whole session."""
+    from ccl.pipeline.convert import ensure_digits
+
+    return ensure_digits(tmp_path_factory.mktemp("digits"), noise="sym", rate=0.4, seed=0)

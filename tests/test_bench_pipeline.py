@@ -5,13 +5,7 @@ import json
 import pytest
 
 from ccl.errors import UserError
-from ccl.pipeline.bench import BACKENDS, Cutout, bench_pipeline
-from ccl.pipeline.convert import ensure_digits
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return ensure_digits(tmp_path_factory.mktemp("cache"), noise="sym", rate=0.2, seed=0)
+from ccl.train.bench.pipeline import BACKENDS, Cutout, bench_pipeline
 
 
 def _check_row(row, backend):

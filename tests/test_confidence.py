@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ccl.train.confidence import (ROLR_GMM, TCL_GMM, detection_metrics, gmm_confidence, tcl_centres,
+from ccl.train.losses.confidence import (ROLR_GMM, TCL_GMM, detection_metrics, gmm_confidence, tcl_centres,
                                   tcl_clean_scores, tcl_confidence)
 
 

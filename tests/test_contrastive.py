@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ccl.errors import UserError
-from ccl.train import contrastive
-from ccl.train.contrastive import ccl_contrastive, ccl_contrastive_one, pair_losses
+from ccl.train.losses import contrastive
+from ccl.train.losses.contrastive import ccl_contrastive, ccl_contrastive_one, pair_losses
 
 NS = (1, 3, 17, 64)
 DS = (8, 32, 128)
@@ -96,7 +96,7 @@ def ct(monkeypatch):
         import triton  # noqa: F401
     except ImportError:
         pytest.skip("triton is not installed")
-    from ccl.train import contrastive_triton
+    from ccl.train.losses import contrastive_triton
 
     if not contrastive_triton.interpreted():
         pytest.skip("contrastive_triton was imported without TRITON_INTERPRET=1 earlier in this process")
@@ -438,7 +438,7 @@ def test_user_errors(kwargs):
 def test_bench_kernel_smoke(tmp_path):
     from rich.console import Console
 
-    from ccl.train.kernel_bench import bench_kernel
+    from ccl.train.bench.kernel import bench_kernel
 
     out = tmp_path / "bench.json"
     rows = bench_kernel(ns=(32,), d=16, repeats=1, json_path=out, console=Console(file=None, quiet=True))

@@ -9,7 +9,7 @@ import torch
 
 from ccl.errors import UserError
 from ccl.pipeline.batch import Batch
-from ccl.pipeline.convert import ConvertOptions, convert, ensure_digits
+from ccl.pipeline.convert import ConvertOptions, convert
 from ccl.pipeline.loader import batch_sizes, make_loader, plan_epoch, rechunk, steps_per_epoch
 from ccl.pipeline.shards import ShardSet, parse_index
 
@@ -20,11 +20,6 @@ try:  # the dali backend is optional (Linux x86_64 wheels only)
 except ImportError:
     HAVE_DALI = False
 needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="NVIDIA DALI is not installed")
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    return ensure_digits(tmp_path_factory.mktemp("cache"), noise="sym", rate=0.4, seed=0)
 
 
 @pytest.fixture(scope="module")

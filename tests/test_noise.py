@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ccl.errors import UserError
-from ccl.pipeline import noise as nz
+from ccl.pipeline.convert import noise as nz
 
 N, C = 50_000, 10
 

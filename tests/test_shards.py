@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ccl.errors import UserError
-from ccl.pipeline import convert as conv
+from ccl.pipeline.convert.source import stratified_holdout
 from ccl.pipeline.convert import ConvertOptions, convert, ensure_digits
 from ccl.pipeline.shards import ShardSet, ShardWriter, build_index, parse_index
 
@@ -157,7 +157,7 @@ def test_digits_split_labels_and_noise(tmp_path):
     from sklearn.datasets import load_digits
 
     target = load_digits().target
-    held = conv._stratified_holdout(target, 360 / 1797, total=360)
+    held = stratified_holdout(target, 360 / 1797, total=360)
     assert (clean == target[~held]).all() and (tc == target[held]).all()
     # Images: 32x32 RGB, grey (R == G == B).
     s = next(ss.iter_samples("train"))

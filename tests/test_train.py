@@ -10,15 +10,9 @@ from dataclasses import replace
 import pytest
 
 from ccl.errors import UserError
-from ccl.pipeline.convert import ensure_digits
 from ccl.train import loop
 from ccl.train.config import TrainConfig
 from ccl.train.loop import NonFiniteLoss, setup, train
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return ensure_digits(tmp_path_factory.mktemp("shards"), noise="sym", rate=0.4, seed=0)
 
 
 def small_cfg(data, out, **kw) -> TrainConfig:

@@ -38,12 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=FORMAT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("format", choices=["digits", "cifar10", "cifar100", "animal10n", "webvision", "folder"])
+    from ccl.pipeline.convert import FORMATS
+    from ccl.pipeline.convert.noise import NOISE_TYPES
+
+    p.add_argument("format", choices=FORMATS)
     p.add_argument("paths", nargs="+", metavar="[SRC] OUT", help="source folder (none for digits) and output folder")
     p.add_argument("--labels", metavar="FILE",
                    help="train labels from a file: CIFAR-N *_human.pt, DivideMix/RoLR .json, TCL .npy")
     p.add_argument("--label-key", metavar="KEY", help="the array to take from --labels (e.g. worse_label, noisy_label)")
-    p.add_argument("--noise", default="none", choices=["none", "sym", "pair", "asym", "instance"],
+    p.add_argument("--noise", default="none", choices=NOISE_TYPES,
                    help="synthetic label noise (asym: the CIFAR-10 class map; pair on other data sets)")
     p.add_argument("--noise-rate", type=float, default=0.0, metavar="R", help="noise rate in [0, 1)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the split and order never depend on it)")

@@ -183,7 +183,7 @@ def bench_pipeline_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
 ):
     """Images/s to make (weak, strong, mixup) batches ready for the model, per backend, at 32 and 64 px."""
-    from ccl.pipeline.bench import bench_pipeline
+    from ccl.train.bench.pipeline import bench_pipeline
 
     _run(bench_pipeline, backends=tuple(backend), batch_size=batch_size, num_workers=workers, steps=steps,
          json_path=json_out)
@@ -196,7 +196,7 @@ def bench_kernel_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
 ):
     """Forward+backward time and peak memory of the contrastive kernel implementations, side by side."""
-    from ccl.train.kernel_bench import bench_kernel
+    from ccl.train.bench.kernel import bench_kernel
 
     _run(bench_kernel, ns=tuple(n), d=d, json_path=json_out)
 
@@ -207,7 +207,7 @@ def bench_train_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
 ):
     """Epoch time of CCL on the built-in digits set: full vs inline confidence, alternate vs joint schedule."""
-    from ccl.train.table import bench_train
+    from ccl.train.bench.train import bench_train
 
     _run(bench_train, epochs=epochs, json_path=json_out, console=console)
 

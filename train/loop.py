@@ -23,7 +23,7 @@ from ccl.pipeline.augment import Augment
 from ccl.pipeline.loader import make_loader
 from ccl.pipeline.shards import ShardSet
 from ccl.train import checkpoint as ckpt
-from ccl.train.confidence import detection_metrics
+from ccl.train.losses.confidence import detection_metrics
 from ccl.train.config import TrainConfig
 from ccl.train.methods import build_method
 from ccl.train.metrics import Accuracy, MetricsLog, summarize

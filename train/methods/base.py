@@ -15,7 +15,7 @@ from ccl.model import build_nets
 from ccl.pipeline.batch import Batch
 from ccl.train import losses
 from ccl.train.config import TrainConfig
-from ccl.train.confidence import gmm_confidence
+from ccl.train.losses.confidence import gmm_confidence
 
 # (batch, weak view, strong views) -> loss dict; the loop passes the views it made on the device.
 Views = tuple[torch.Tensor, list[torch.Tensor]]

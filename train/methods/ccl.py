@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ccl.pipeline.batch import Batch
 from ccl.train import losses
-from ccl.train.contrastive import ccl_contrastive, ccl_contrastive_one
+from ccl.train.losses.contrastive import ccl_contrastive, ccl_contrastive_one
 from ccl.train.methods.base import TwinMethod
 
 

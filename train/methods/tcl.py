@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ccl.pipeline.augment import mixup
 from ccl.pipeline.batch import Batch
 from ccl.train import losses
-from ccl.train.confidence import tcl_centres, tcl_confidence
+from ccl.train.losses.confidence import tcl_centres, tcl_confidence
 from ccl.train.methods.base import Method, TrainPass, Views
 
 

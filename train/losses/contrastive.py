@@ -94,7 +94,7 @@ def pair_losses(
         return reference_pair_losses(a_w, c_w, classes, tau, detach_target)
     if impl == "torch":
         return _FusedPairLosses.apply(a_w, c_w, classes, float(tau), bool(detach_target), None)
-    from ccl.train import contrastive_triton  # lazily: triton is optional
+    from ccl.train.losses import contrastive_triton  # lazily: triton is optional
 
     return contrastive_triton.pair_losses_triton(a_w, c_w, classes, float(tau), bool(detach_target))
 

@@ -1,4 +1,4 @@
-"""Triton kernels for `ccl.train.contrastive.pair_losses` (impl="triton"), flash-attention style.
+"""Triton kernels for `ccl.train.losses.contrastive.pair_losses` (impl="triton"), flash-attention style.
 
 One program owns a block of BLOCK_M anchor rows i of one matrix k and walks over blocks of BLOCK_N contrasts j.
 For each tile it forms S[i, j] = a_i . c_j / tau and the transposed entries S[j, i] = c_i . a_j / tau (row i of

@@ -10,7 +10,7 @@ Conventions shared by every function here:
   detached *here*, so no caller can forget it;
 - fp16/bf16 logits are upcast to float32 before any log-softmax; float32 and float64 are kept as they are.
 
-The contrastive terms of CCL (ACL, VM, CCLRL, MM: Eqs. 5, 6, 9, 12) live in `ccl.train.contrastive`; `ccl_total`
+The contrastive terms of CCL (ACL, VM, CCLRL, MM: Eqs. 5, 6, 9, 12) live in `ccl.train.losses.contrastive`; `ccl_total`
 takes their per-anchor [N] vectors as inputs.
 """
 
@@ -209,7 +209,7 @@ def ccl_total(logits_s: torch.Tensor, labels: torch.Tensor, w, probs_w_own: torc
 
     Inputs: logits_s [N, C] of model m on the strong view; labels [N] noisy; w [N] model m's label confidence
     (from the peer's GMM, Eq. 16); probs_w_own / probs_w_peer [N, C] the weak-view probabilities of model m and of
-    its peer (both detached here); acl, vm, cclrl, mm the per-anchor [N] vectors from `ccl.train.contrastive` for
+    its peer (both detached here); acl, vm, cclrl, mm the per-anchor [N] vectors from `ccl.train.losses.contrastive` for
     model m (a term the ablation drops may be None). c is PG's threshold. sharpen_T, when set, sharpens the peer
     target of the cross-model CE (the paper lists T as a CCL input but Eq. 13 shows no sharpening; off by default).
 
@@ -341,7 +341,7 @@ def tcl_align_target(w, labels: torch.Tensor, probs1: torch.Tensor, probs2: torc
 
 def tcl_cluster_logits(z: torch.Tensor, centres: torch.Tensor, temp: float = 0.25) -> torch.Tensor:
     """Cluster-posterior logits of TCL, z centres^T / temp ([N, C]); centres ([C, D], from the last confidence
-    estimation, `ccl.train.confidence.tcl_centres`) are a fixed buffer, so detached. The official code uses the
+    estimation, `ccl.train.losses.confidence.tcl_centres`) are a fixed buffer, so detached. The official code uses the
     contrastive temperature here."""
     return _f(z) @ _f(centres.detach()).T / temp
 

@@ -16,12 +16,10 @@ import io
 import math
 import multiprocessing
 import os
-import pickle
 import re
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -29,344 +27,43 @@ import numpy as np
 
 import ccl
 from ccl.errors import UserError
-from ccl.pipeline import noise as noise_mod
+from ccl.pipeline.convert import noise as noise_mod
+from ccl.pipeline.convert.animal10n import read_animal10n
+from ccl.pipeline.convert.cifar import read_cifar
+from ccl.pipeline.convert.digits import read_digits
+from ccl.pipeline.convert.folder import read_folder
+from ccl.pipeline.convert.source import SPLIT_SEED, ConvertOptions, Item, Source
+from ccl.pipeline.convert.webvision import read_webvision
 from ccl.pipeline.shards import FORMAT_VERSION, MANIFEST, ShardWriter, write_json_atomic
 
-FORMATS = ("digits", "cifar10", "cifar100", "animal10n", "webvision", "folder")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-ANIMAL10N_CLASSES = [
-    "cat", "lynx", "wolf", "coyote", "cheetah", "jaguar", "chimpanzee", "orangutan", "hamster", "guinea pig",
-]  # fmt: skip
-DIGITS_TEST_COUNT = 360  # 1,797 images -> 1,437 train / 360 test, stratified
-SPLIT_SEED = 0  # the train/test split and sample order never depend on the noise seed
 FEATURE_SIZE = 32  # instance noise: images are compared as 32x32 RGB (CIFAR's own size)
 CHUNK = 64  # items per worker task
 STATS_IMAGES = 50_000  # mean/std use at most about this many train images
 _OUTPUT_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.(tar|idx)$")
 
 
-@dataclass(frozen=True)
-class Item:
-    """One source sample: an image file (`path`) or pixels (`array`, uint8 [H, W, 3]) and its source label."""
-
-    name: str  # path relative to SRC (or a description): shown in messages and the manifest's skipped list
-    label: int
-    path: str | None = None
-    array: np.ndarray | None = None
+def _read_digits(src, opts: ConvertOptions) -> Source:
+    if src not in (None, "", "-"):
+        raise UserError(f"digits is built in and takes no SRC (got {src}); pass '-' or leave it out")
+    return read_digits()
 
 
-@dataclass
-class Source:
-    dataset: str
-    classes: list[str]
-    splits: dict[str, list[Item]]  # "train" first, then "test", then any extra test splits
-    train_clean: bool  # are the source's train labels true labels? (not for web-crawled or crowd-labelled sets)
-    shuffle: bool = False  # write in a seeded permuted order (sources listed class by class)
-    skipped: list[dict] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    labels: str | None = None  # a label file replacing the train labels
-    label_key: str | None = None
-    noise: str = "none"
-    noise_rate: float = 0.0
-    seed: int = 0
-    num_classes: int | None = None
-    shard_size: int = 5000
-    workers: int | None = None  # None: all cores
-    overwrite: bool = False
-    strict: bool = False  # undecodable images are an error instead of skipped
-    skip_missing: bool = False  # file-list entries without a file are skipped instead of an error
-    test_fraction: float = 0.2  # folder format without train/ and test/ subtrees
-    webvision_lists: tuple[str, ...] = ("google",)
-    imagenet_val: str | None = None
-    imagenet_labels: str | None = None
-    progress: bool = True
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Source readers: each returns a Source whose item order is fixed by the files alone.
-
-
-def read_digits() -> Source:
-    """scikit-learn's 1,797 8x8 digits (0..16 grey) upscaled to 32x32 RGB; stratified 1,437/360 split."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # [N, 8, 8]
-    labels = d.target.astype(np.int64)
-    test = _stratified_holdout(labels, DIGITS_TEST_COUNT / len(labels), total=DIGITS_TEST_COUNT)
-    arrays = []
-    for img in images:
-        up = np.asarray(Image.fromarray(img).resize((32, 32), Image.BILINEAR))  # [32, 32]
-        arrays.append(np.repeat(up[:, :, None], 3, axis=2))  # [32, 32, 3]
-    splits = {"train": [], "test": []}
-    for i, (arr, y) in enumerate(zip(arrays, labels)):
-        splits["test" if test[i] else "train"].append(Item(f"digits[{i}]", int(y), array=arr))
-    return Source("digits", [str(c) for c in range(10)], splits, train_clean=True)
-
-
-def _stratified_holdout(labels: np.ndarray, fraction: float, total: int | None = None) -> np.ndarray:
-    """bool [N]: a seeded, per-class held-out subset (largest-remainder rounding hits `total` exactly)."""
-    classes, counts = np.unique(labels, return_counts=True)
-    total = int(round(fraction * len(labels))) if total is None else total
-    quota = counts * (total / len(labels))
-    take = np.floor(quota).astype(int)
-    for j in np.argsort(-(quota - take), kind="stable")[: total - take.sum()]:
-        take[j] += 1
-    rng = np.random.default_rng(SPLIT_SEED)
-    held = np.zeros(len(labels), dtype=bool)
-    for c, k in zip(classes, take):
-        members = np.flatnonzero(labels == c)
-        held[members[rng.permutation(members.size)[:k]]] = True
-    return held
-
-
-def read_cifar(src, which: str) -> Source:
-    """The official python pickles: cifar-10-batches-py/ or cifar-100-python/ (SRC may be that folder or its parent)."""
-    if which == "cifar10":
-        folder, train_files, test_file, meta_file, label_key, names_key = (
-            "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "batches.meta",
-            "labels", "label_names",
-        )  # fmt: skip
-    else:
-        folder, train_files, test_file, meta_file, label_key, names_key = (
-            "cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names",
-        )  # fmt: skip
-    root = _require_dir(src, "SRC")
-    if not (root / train_files[0]).exists() and (root / folder).is_dir():
-        root = root / folder
-    for name in train_files + [test_file, meta_file]:
-        if not (root / name).is_file():
-            raise UserError(f"{which}: {root / name} is missing; expected the official python version ({folder}/)")
-    classes = [str(c) for c in _unpickle(root / meta_file)[names_key]]
-    splits = {}
-    for split, files in (("train", train_files), ("test", [test_file])):
-        items = []
-        for fname in files:
-            d = _unpickle(root / fname)
-            if "data" not in d or label_key not in d:
-                raise UserError(f"{root / fname}: expected the keys 'data' and {label_key!r} of a {which} pickle")
-            data = np.asarray(d["data"], dtype=np.uint8)
-            if data.ndim != 2 or data.shape[1] != 3072:
-                raise UserError(f"{root / fname}: 'data' should be [N, 3072] uint8, got {list(data.shape)}")
-            arrays = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # [N, 32, 32, 3]
-            labels = list(d[label_key])
-            if len(labels) != len(arrays):
-                raise UserError(f"{root / fname}: {len(arrays)} images but {len(labels)} labels")
-            items += [Item(f"{fname}[{i}]", int(y), array=a) for i, (a, y) in enumerate(zip(arrays, labels))]
-        splits[split] = items
-    return Source(which, classes, splits, train_clean=True)
-
-
-def _unpickle(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:
-            # latin1 reads the Python 2 pickles of the official release (str keys, numpy arrays).
-            return pickle.load(f, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise UserError(f"{path}: not a readable CIFAR pickle ({e})") from None
-
-
-def read_animal10n(src: Path) -> Source:
-    """Animal-10N: training/ and testing/ folders of JPEGs named `<label>_<id>.jpg`."""
-    root = _require_dir(src, "SRC")
-    splits = {}
-    for split, sub in (("train", "training"), ("test", "testing")):
-        folder = root / sub
-        if not folder.is_dir():
-            raise UserError(
-                f"animal10n: {folder} is missing; expected training/ and testing/ folders of <label>_<id>.jpg"
-            )
-        items = []
-        for name in sorted(os.listdir(folder)):
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            head = name.split("_", 1)[0]
-            if "_" not in name or not head.isdigit() or int(head) >= len(ANIMAL10N_CLASSES):
-                raise UserError(f"animal10n: {sub}/{name} is not named <label>_<id>.jpg with a label in 0..9")
-            items.append(Item(f"{sub}/{name}", int(head), path=str(folder / name)))
-        if not items:
-            raise UserError(f"animal10n: {folder} holds no <label>_<id>.jpg images")
-        splits[split] = items
-    # Train labels are the crowd's (about 8% wrong); the test labels were checked.
-    return Source("animal10n", list(ANIMAL10N_CLASSES), splits, train_clean=False, shuffle=True)
-
-
-def read_webvision(src: Path, opts: ConvertOptions) -> Source:
-    """WebVision 1.0: info/train_filelist_{google,flickr}.txt, info/val_filelist.txt + val_images_256/.
-
-    Keeps labels < --num-classes (50: mini-WebVision). An optional second test split `val_imagenet` holds the
-    ILSVRC12 validation images of those classes (--imagenet-val DIR).
-    """
-    root = _require_dir(src, "SRC")
-    num_classes = opts.num_classes or 1000
-    info = root / "info"
-    synsets = _read_synsets(info / "synsets.txt")
-    classes = [synsets[i] if i < len(synsets) else str(i) for i in range(num_classes)]
-    train: list[Item] = []
-    for which in opts.webvision_lists:
-        if which not in ("google", "flickr"):
-            raise UserError(f"--webvision-lists takes google and/or flickr, got {which!r}")
-        train += _read_filelist(info / f"train_filelist_{which}.txt", root, num_classes, fallback=root / which)
-    test = _read_filelist(info / "val_filelist.txt", root / "val_images_256", num_classes)
-    splits = {"train": train, "test": test}
-    if opts.imagenet_val:
-        splits["val_imagenet"] = _read_imagenet_val(Path(opts.imagenet_val), opts.imagenet_labels, num_classes, synsets)
-    source = Source("webvision" if num_classes == 1000 else f"webvision{num_classes}", classes, splits,
-                    train_clean=False, shuffle=True)  # fmt: skip
-    _check_missing(source, opts.skip_missing)
-    return source
-
-
-def _read_synsets(path: Path) -> list[str]:
-    if not path.is_file():
-        return []
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-
-
-def _read_filelist(path: Path, base: Path, num_classes: int, fallback: Path | None = None) -> list[Item]:
-    """`relative/path.jpg label` lines; keeps labels < num_classes. Paths resolve against `base`, or against
-    `fallback` when the first entry is only found there (lists written relative to google/ or flickr/)."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing; expected a file list of 'relative/path.jpg label' lines")
-    entries = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise UserError(f"{path}:{lineno}: expected 'relative/path.jpg label', got {line.strip()!r}")
-        label = int(parts[1])
-        if label < 0:
-            raise UserError(f"{path}:{lineno}: label {label} is negative")
-        if label < num_classes:
-            entries.append((parts[0], label))
-    if entries and fallback is not None and not (base / entries[0][0]).exists() and (fallback / entries[0][0]).exists():
-        base = fallback
-    return [Item(rel, label, path=str(base / rel)) for rel, label in entries]
-
-
-def _read_imagenet_val(folder: Path, labels_file: str | None, num_classes: int, synsets: list[str]) -> list[Item]:
-    """ILSVRC12 val images: a flat folder with a label file (lines `ILSVRC2012_val_00000001.JPEG 65`, class
-    indices in WebVision's synsets order, e.g. Caffe's val.txt), or class folders named 0..999 or by WordNet id."""
-    if not folder.is_dir():
-        raise UserError(f"--imagenet-val {folder}: no such directory")
-    lf = Path(labels_file) if labels_file else folder / "val.txt"
-    if labels_file and not lf.is_file():
-        raise UserError(f"--imagenet-labels {lf}: no such file")
-    if lf.is_file():
-        return _read_filelist(lf, folder, num_classes)
-    wnid_index = {s.split()[0]: i for i, s in enumerate(synsets)}
-    items = []
-    subdirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-    for d in subdirs:
-        label = int(d.name) if d.name.isdigit() else wnid_index.get(d.name)
-        if label is None:
-            raise UserError(
-                f"--imagenet-val {folder}: cannot map the folder {d.name!r} to a class; expected val.txt "
-                "('name label' lines), or class folders named 0..999 or by WordNet id (with info/synsets.txt)"
-            )
-        if label < num_classes:
-            items += [Item(str(p.relative_to(folder)), label, path=str(p)) for p in _image_files(d)]
-    if not subdirs:
-        raise UserError(f"--imagenet-val {folder}: expected val.txt ('name label' lines) or class folders")
-    return items
-
-
-def _check_missing(source: Source, skip: bool) -> None:
-    """File lists can name files that are not there: an error (naming the first) or, with skip, a record."""
-    for split, items in source.splits.items():
-        missing = [it for it in items if it.path is not None and not os.path.isfile(it.path)]
-        if not missing:
-            continue
-        if not skip:
-            raise UserError(
-                f"{split}: {len(missing)} listed image(s) missing, first: {missing[0].path} "
-                "(pass --skip-missing to skip them and list them in the manifest)"
-            )
-        gone = {id(it) for it in missing}
-        source.splits[split] = [it for it in items if id(it) not in gone]
-        source.skipped += [{"split": split, "path": it.name, "reason": "missing file"} for it in missing]
-
-
-def read_folder(src: Path, test_fraction: float) -> Source:
-    """A class-per-folder tree. With train/ and test/ (or val/) subtrees those are the splits; otherwise a
-    seeded per-class `test_fraction` is held out. Classes are the folder names, sorted."""
-    root = _require_dir(src, "SRC")
-    test_dir = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and test_dir is not None:
-        classes = _class_dirs(root / "train")
-        train = _folder_items(root / "train", classes, root)
-        unknown = sorted(set(_class_dirs(test_dir)) - set(classes))
-        if unknown:
-            raise UserError(f"folder: {test_dir.name}/ has classes missing from train/: {', '.join(unknown[:5])}")
-        splits = {"train": train, "test": _folder_items(test_dir, classes, root)}
-    else:
-        if not 0.0 <= test_fraction < 1.0:
-            raise UserError(f"--test-fraction must be in [0, 1), got {test_fraction:g}")
-        classes = _class_dirs(root)
-        items = _folder_items(root, classes, root)
-        held = _stratified_holdout(np.array([it.label for it in items]), test_fraction)
-        splits = {"train": [it for it, h in zip(items, held) if not h]}
-        if held.any():
-            splits["test"] = [it for it, h in zip(items, held) if h]
-    if not splits["train"]:
-        raise UserError(f"folder: {root} holds no images in its class folders")
-    return Source(root.name or "folder", classes, splits, train_clean=True, shuffle=True)
-
-
-def _class_dirs(root: Path) -> list[str]:
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not names:
-        raise UserError(f"folder: {root} has no class subfolders; expected ROOT/<class>/<image> (or train/ and test/)")
-    return names
-
-
-def _folder_items(root: Path, classes: list[str], rel_to: Path) -> list[Item]:
-    items = []
-    for label, name in enumerate(classes):
-        if (root / name).is_dir():
-            items += [Item(str(p.relative_to(rel_to)), label, path=str(p)) for p in _image_files(root / name)]
-    return items
-
-
-def _image_files(folder: Path) -> list[Path]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [
-            Path(dirpath) / f for f in filenames if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES
-        ]
-    return sorted(found)
-
-
-def _require_dir(src, what: str) -> Path:
-    if src is None or str(src) in ("", "-"):
-        raise UserError(f"{what} is required for this format: the folder holding the raw data set")
-    path = Path(src)
-    if not path.is_dir():
-        raise UserError(f"{what} {path}: no such directory")
-    return path
+# The one list of source formats: FORMAT -> reader(src, opts). tools/shard.py and the CLI take their names from it.
+READERS: dict[str, Callable[..., Source]] = {
+    "digits": _read_digits,
+    "cifar10": lambda src, opts: read_cifar(src, "cifar10"),
+    "cifar100": lambda src, opts: read_cifar(src, "cifar100"),
+    "animal10n": lambda src, opts: read_animal10n(src),
+    "webvision": read_webvision,
+    "folder": lambda src, opts: read_folder(src, opts.test_fraction),
+}
+FORMATS = tuple(READERS)
 
 
 def read_source(fmt: str, src, opts: ConvertOptions) -> Source:
-    if fmt == "digits":
-        if src not in (None, "", "-"):
-            raise UserError(f"digits is built in and takes no SRC (got {src}); pass '-' or leave it out")
-        return read_digits()
-    if fmt in ("cifar10", "cifar100"):
-        return read_cifar(src, fmt)
-    if fmt == "animal10n":
-        return read_animal10n(src)
-    if fmt == "webvision":
-        return read_webvision(src, opts)
-    if fmt == "folder":
-        return read_folder(src, opts.test_fraction)
-    raise UserError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    if fmt not in READERS:
+        raise UserError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return READERS[fmt](src, opts)
 
 
 # ----------------------------------------------------------------------------------------------------------------

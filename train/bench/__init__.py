@@ -1,0 +1,1 @@
+"""Throughput benchmarks behind `ccl bench`: the input pipeline, the contrastive kernel, training epochs."""
