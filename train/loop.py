@@ -338,18 +338,28 @@ def _epoch_line(r: dict) -> str:
     return "  ".join(parts)
 
 
-def evaluate_checkpoint(checkpoint: Path, data: Path | None, split: str = "test", device: str = "auto") -> dict:
-    """`ccl eval`: rebuild the run from the checkpoint's config and evaluate it on a split."""
+def restore(checkpoint: Path, data: Path | None = None, device: str = "auto") -> tuple[Run, dict]:
+    """Rebuild a finished (or interrupted) run from one of its checkpoints, for evaluation and analysis.
+
+    Returns the `Run` (its method holds the checkpoint's networks and per-sample state, in eval mode) and the
+    checkpoint dict. ``data`` overrides the shard directory the run trained on.
+    """
     state = ckpt.load(Path(checkpoint))
     cfg = TrainConfig.from_dict(state["config"])
     cfg = replace(cfg, device=device, data=str(data) if data else cfg.data)
-    data_dir = resolve_data(cfg)
-    run = setup(cfg, data_dir)
-    if split not in run.shards.manifest["splits"]:
-        raise UserError(f"split {split!r} not in {data_dir}; it has {', '.join(run.shards.manifest['splits'])}")
+    run = setup(cfg, resolve_data(cfg))
     # Evaluation needs the same networks, not the same training set or schedule.
     ckpt.check_identity(state["identity"], run.identity, Path(checkpoint), ("method", "arch", "num_classes"))
     run.method.load_state_dict(state["method"])
-    ctx, _ = precision(run.device, cfg.amp)
+    run.method.eval()
+    return run, state
+
+
+def evaluate_checkpoint(checkpoint: Path, data: Path | None, split: str = "test", device: str = "auto") -> dict:
+    """`ccl eval`: rebuild the run from the checkpoint's config and evaluate it on a split."""
+    run, state = restore(checkpoint, data, device)
+    if split not in run.shards.manifest["splits"]:
+        raise UserError(f"split {split!r} not in {run.shards.root}; it has {', '.join(run.shards.manifest['splits'])}")
+    ctx, _ = precision(run.device, run.cfg.amp)
     result = evaluate(run, _loader(run, split, train=False), ctx)
     return {"checkpoint": str(checkpoint), "epoch": state["epoch"] + 1, "split": split, **result}
