@@ -515,13 +515,8 @@ class Augment(nn.Module):
         """Same as `views`."""
         return self.views(x, n_strong=n_strong, generator=generator)
 
-    def eval(self, x: torch.Tensor | None = None):
-        """Deterministic eval view: uint8 [N, 3, H, W] -> normalised float32 [N, 3, size, size].
-
-        Called without a batch it is nn.Module.eval() (so `module.eval()` keeps working on a tree holding this).
-        """
-        if x is None:
-            return super().eval()
+    def eval_view(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic eval view: uint8 [N, 3, H, W] -> normalised float32 [N, 3, size, size]."""
         with torch.autocast(x.device.type, enabled=False):
             return self._eval(x)
 
@@ -543,24 +538,35 @@ class Augment(nn.Module):
 
 
 def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Generator | None = None):
-    """Mixup (Zhang et al. 2018) as DivideMix and TCL use it: returns (x_mix, y_mix, lam, perm).
+    """Mixup (Zhang et al. 2018) as DivideMix and TCL use it, images and targets together: (x_mix, y_mix, lam, perm).
 
-    lam ~ Beta(alpha, alpha), then lam = max(lam, 1 - lam), so each mixed sample stays closer to its own
-    x[i] (whose index and per-sample weight the caller keeps). One lam per batch, as in DivideMix/TCL; partners
-    come from a random permutation `perm` (int64 [N]). x: float [N, ...]; y: float [N, C] targets.
-    x_mix = lam * x + (1 - lam) * x[perm], y_mix likewise. lam is a Python float in [0.5, 1].
+    x: float [N, ...]; y: float [N, C] targets. The draws are `draw_mixup`'s (one host read for lam), each mixed
+    sample stays closer to its own x[i], whose index and per-sample weight the caller keeps.
+    """
+    if y.dim() != 2 or y.shape[0] != x.shape[0] or not y.is_floating_point():
+        raise UserError(f"mixup needs float targets [N, C] matching x's N={x.shape[0]}, got {list(y.shape)}")
+    lam, perm = draw_mixup(x.shape[0], alpha, generator, device=x.device)
+    return apply_mixup(x, lam, perm), apply_mixup(y, lam, perm), lam, perm
+
+
+def draw_mixup(n: int, alpha: float, generator: torch.Generator | None = None, host: random.Random | None = None,
+               device=None) -> tuple[float, torch.Tensor]:
+    """Mixup's draws for a batch of n, apart from their application (`apply_mixup`): (lam, perm).
+
+    lam ~ Beta(alpha, alpha), then lam = max(lam, 1 - lam), one per batch as in DivideMix and TCL, drawn on the host
+    from ``host`` so that no device-to-host read happens per step (without one, from a Random seeded from the
+    generator's stream: one host read). perm: int64 [n], a random permutation from the generator, on ``device``.
     """
     if not alpha > 0:
         raise UserError(f"mixup alpha must be > 0, got {alpha}")
-    if y.dim() != 2 or y.shape[0] != x.shape[0] or not y.is_floating_point():
-        raise UserError(f"mixup needs float targets [N, C] matching x's N={x.shape[0]}, got {list(y.shape)}")
-    # torch has no Beta sampler that takes a Generator: seed Python's Beta sampler from the torch stream instead,
-    # so one seed still fixes lam (one host read per batch).
-    source = generator.device if generator is not None else x.device
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=source).item())
-    lam = random.Random(seed).betavariate(alpha, alpha)
-    lam = max(lam, 1.0 - lam)
-    perm = torch.randperm(x.shape[0], generator=generator, device=source).to(x.device)
-    x_mix = lam * x + (1.0 - lam) * x[perm]
-    y_mix = lam * y + (1.0 - lam) * y[perm]
-    return x_mix, y_mix, lam, perm
+    source = generator.device if generator is not None else (device or "cpu")
+    if host is None:
+        host = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator, device=source).item()))
+    lam = host.betavariate(alpha, alpha)
+    perm = torch.randperm(n, generator=generator, device=source).to(device or source)
+    return max(lam, 1.0 - lam), perm
+
+
+def apply_mixup(x: torch.Tensor, lam: float, perm: torch.Tensor) -> torch.Tensor:
+    """lam * x + (1 - lam) * x[perm]: images [N, ...] and targets [N, C] alike."""
+    return lam * x + (1.0 - lam) * x[perm]

@@ -53,7 +53,7 @@ def test_views_shapes_dtypes_ranges(style, hw, size):
     x = images(16, *hw)
     weak, strong = aug.views(x, n_strong=2, generator=gen())
     assert len(strong) == 2
-    for v in [weak, *strong, aug.weak(x), aug.strong(x), aug.eval(x)]:
+    for v in [weak, *strong, aug.weak(x), aug.strong(x), aug.eval_view(x)]:
         assert v.shape == (16, 3, size, size) and v.dtype == torch.float32
         assert torch.isfinite(v).all()
         px = denorm(v)
@@ -65,7 +65,7 @@ def test_non_square_input_works_for_both_styles():
     for style in ("cifar", "imagenet"):
         aug = Augment(MEAN, STD, 32, style=style)
         weak, (strong,) = aug.views(x, generator=gen())
-        assert weak.shape == strong.shape == aug.eval(x).shape == (4, 3, 32, 32)
+        assert weak.shape == strong.shape == aug.eval_view(x).shape == (4, 3, 32, 32)
 
 
 def test_views_stay_float32_under_autocast():
@@ -74,7 +74,7 @@ def test_views_stay_float32_under_autocast():
     ref = aug.strong(x, generator=gen(4))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = aug.strong(x, generator=gen(4))
-        ev = aug.eval(x)
+        ev = aug.eval_view(x)
     assert out.dtype == ev.dtype == torch.float32
     assert torch.equal(out, ref)
 
@@ -323,16 +323,16 @@ def test_global_rng_is_used_without_a_generator():
 def test_eval_is_deterministic_and_only_normalises_at_the_right_size():
     aug = Augment(MEAN, STD, 32)
     x = images(4)
-    assert torch.equal(aug.eval(x), aug.eval(x))
-    torch.testing.assert_close(aug.eval(x), aug.normalize(x.float() / 255))
-    assert aug.eval(images(4, 40, 40)).shape == (4, 3, 32, 32)
+    assert torch.equal(aug.eval_view(x), aug.eval_view(x))
+    torch.testing.assert_close(aug.eval_view(x), aug.normalize(x.float() / 255))
+    assert aug.eval_view(images(4, 40, 40)).shape == (4, 3, 32, 32)
 
 
 def test_imagenet_eval_resizes_short_side_and_center_crops():
     aug = Augment(MEAN, STD, 28, style="imagenet")
     x = images(2, 64, 48)  # portrait, not the output size
-    out = aug.eval(x)
-    assert out.shape == (2, 3, 28, 28) and torch.equal(out, aug.eval(x))
+    out = aug.eval_view(x)
+    assert out.shape == (2, 3, 28, 28) and torch.equal(out, aug.eval_view(x))
     # short side 48 -> 32 (28 / 0.875), long side 64 -> 43; center crop 28
     ref = F.interpolate(x.float() / 255, size=(43, 32), mode="bilinear", align_corners=False, antialias=True)
     ref = ref.clamp(0, 1)[..., 7:35, 2:30]
