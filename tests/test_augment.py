@@ -1,22 +1,33 @@
-"""On-device augmentation: shapes, ranges, per-sample randomness, determinism, op semantics against PIL, mixup."""
+"""On-device augmentation: shapes, ranges, per-sample randomness, determinism, op semantics against PIL and
+torchvision, the draws against RoLR's and TCL's specs, mixup."""
+
+import random
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
 from ccl.errors import UserError
 from ccl.pipeline.augment import (
-    COLOR_OPS,
+    CUTOUT_FILL,
     GEOMETRIC_OPS,
+    OP_FNS,
     OP_INDEX,
     OPS,
-    RA_WARP_MODE,
+    PARAMETERLESS_OPS,
+    RA_RANGES,
+    TCL_JITTER_STRENGTH,
+    TCL_P,
     Augment,
+    ContrastiveParams,
     StrongParams,
     WeakParams,
-    _geometric_theta,
+    _cutout_box,
+    _hue,
+    apply_mixup,
+    draw_mixup,
     mixup,
 )
 
@@ -36,12 +47,21 @@ def denorm(x):
     return x * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
 
 
-def strong_params(ops, level, sign, n, size):
-    """Hand-made RandAugment parameters (no crop, no cutout) for op-level tests."""
+def strong_params(ops, value, n, size, cutout=None, offset=0, flip=False):
+    """Hand-made strong-view parameters for op-level tests: no crop (unless offset/flip say so), no cutout."""
     return StrongParams(
-        weak=WeakParams(flip=torch.zeros(n, dtype=torch.bool), offset=torch.full((n, 2), 0)),
-        ops=ops, level=level, sign=sign, cutout=torch.zeros(n, 4, dtype=torch.long),
+        weak=WeakParams(flip=torch.full((n,), flip), offset=torch.full((n, 2), offset)),
+        ops=ops, value=value,
+        cutout=torch.zeros(n, 4, dtype=torch.long) if cutout is None else cutout,
     )
+
+
+def _pil(x01_chw):
+    return Image.fromarray((x01_chw.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def _from_pil(img):
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
 
 
 # -- shapes, dtypes, ranges -------------------------------------------------------------------------------------------
@@ -139,17 +159,99 @@ def test_imagenet_full_box_is_identity_and_flip_mirrors():
     torch.testing.assert_close(out[1], x01[1].flip(-1), atol=1e-5, rtol=0)
 
 
-# -- strong view -------------------------------------------------------------------------------------------------------
+# -- strong view: RoLR's RandAugment ---------------------------------------------------------------------------------
 
 
-def test_randaugment_ops_are_drawn_per_sample():
-    aug = Augment(MEAN, STD, 32, ra_ops=3, ra_max_magnitude=5)
-    p = aug.sample_strong(128, (32, 32), generator=gen())
-    assert p.ops.shape == (128, 3) and p.ops.min() >= 0 and p.ops.max() < len(OPS)
-    assert len({tuple(r) for r in p.ops.tolist()}) > 64  # many different op combinations in one batch
-    assert len(set(p.ops[:, 0].tolist())) == len(OPS)
-    assert p.level.min() >= 0 and p.level.max() <= 0.5
-    assert set(p.sign.unique().tolist()) == {-1.0, 1.0}
+def test_randaugment_draws_cover_each_ops_full_range():
+    """3 ops per sample, with replacement, uniform over the 14; each value uniform over its op's whole range."""
+    n = 40_000
+    aug = Augment(MEAN, STD, 32)
+    p = aug.sample_strong(n, (32, 32), generator=gen())
+    assert p.ops.shape == p.value.shape == (n, 3)
+    freq = torch.bincount(p.ops.flatten(), minlength=len(OPS)).double() / p.ops.numel()
+    assert (freq - 1 / len(OPS)).abs().max() < 0.005  # 5 binomial standard errors is 0.004
+    # With replacement: P(some op twice among 3) = 1 - 14 * 13 * 12 / 14^3 = 0.204.
+    repeated = (p.ops[:, 0] == p.ops[:, 1]) | (p.ops[:, 0] == p.ops[:, 2]) | (p.ops[:, 1] == p.ops[:, 2])
+    assert abs(repeated.double().mean().item() - (1 - 14 * 13 * 12 / 14**3)) < 0.01
+    for name in OPS:
+        v = p.value[p.ops == OP_INDEX[name]].double()
+        lo, hi = RA_RANGES[name]
+        if name == "posterize":  # int(U[4, 8)): 4, 5, 6, 7 bits, each a quarter of the time
+            share = torch.bincount(v.long(), minlength=9)[4:8].double() / v.numel()
+            assert set(v.unique().tolist()) == {4.0, 5.0, 6.0, 7.0} and (share - 0.25).abs().max() < 0.02
+            continue
+        span = hi - lo
+        assert v.min() >= lo and v.max() < hi, name
+        assert v.min() < lo + 0.002 * span and v.max() > hi - 0.002 * span, name  # reaches both ends
+        assert abs(v.mean().item() - (lo + hi) / 2) < 0.02 * span, name  # uniform: mean mid-range
+        assert abs(v.std().item() - span / 12**0.5) < 0.02 * span, name
+
+
+@pytest.mark.parametrize("op,values,pil_fn", [
+    ("rotate", [-30.0, -17.3, 0.7, 12.9, 30.0], lambda im, v: im.rotate(v)),
+    ("shear_x", [-0.3, -0.11, 0.173, 0.3], lambda im, v: im.transform(im.size, Image.AFFINE, (1, v, 0, 0, 1, 0))),
+    ("shear_y", [-0.3, 0.07, 0.29], lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, 0, v, 1, 0))),
+    ("translate_x", [-0.3, -0.123, 0.05, 0.2999],
+     lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, v * im.size[0], 0, 1, 0))),
+    ("translate_y", [-0.29, 0.157, 0.3],
+     lambda im, v: im.transform(im.size, Image.AFFINE, (1, 0, 0, 0, 1, v * im.size[1]))),
+    ("solarize", [0.0, 12.5, 128.0, 200.3, 255.9], lambda im, v: ImageOps.solarize(im, v)),
+    ("posterize", [4.0, 5.0, 6.0, 7.0], lambda im, v: ImageOps.posterize(im, int(v))),
+    ("equalize", [0.5], lambda im, v: ImageOps.equalize(im)),
+    ("identity", [0.5], lambda im, v: im),
+])
+def test_exact_ops_match_pil(op, values, pil_fn):
+    """The geometric ops (nearest, black fill, PIL's 16.16 fixed point), solarize, posterize and equalize give
+    PIL's pixels exactly, at RoLR's calls (`randaugment.py`), on square and non-square images."""
+    for h, w in ((24, 24), (20, 28)):
+        x = images(4, h, w, seed=7)
+        x[1] = x[1] // 2 + 40  # a low-contrast image, so equalize has work to do
+        x01 = x.float() / 255
+        for v in values:
+            out = OP_FNS[op](x01, torch.full((4,), v))
+            ref = torch.stack([_from_pil(pil_fn(_pil(im), v)) for im in x01])
+            assert (out - ref).abs().max() * 255 < 1e-3, (op, v, h, w)
+
+
+@pytest.mark.parametrize("op,values,pil_fn", [
+    ("brightness", [0.05, 0.5, 0.95], lambda im, v: ImageEnhance.Brightness(im).enhance(v)),
+    ("color", [0.05, 0.4, 0.95], lambda im, v: ImageEnhance.Color(im).enhance(v)),
+    ("contrast", [0.05, 0.6, 0.95], lambda im, v: ImageEnhance.Contrast(im).enhance(v)),
+    ("sharpness", [0.05, 0.5, 0.95], lambda im, v: ImageEnhance.Sharpness(im).enhance(v)),
+    ("autocontrast", [0.5], lambda im, v: ImageOps.autocontrast(im)),
+])
+def test_enhance_ops_match_pil_within_its_truncation(op, values, pil_fn):
+    """ImageEnhance blends and autocontrast's table truncate to 8 bits (`(UINT8) value`); ours keep the fraction:
+    0 <= ours - PIL < 1 level. Their degenerate images (grey, smoothed) are PIL's, rounded as PIL rounds."""
+    x = images(4, 24, 24, seed=7)
+    x[1] = x[1] // 2 + 40
+    x01 = x.float() / 255
+    for v in values:
+        out = OP_FNS[op](x01, torch.full((4,), v))
+        ref = torch.stack([_from_pil(pil_fn(_pil(im), v)) for im in x01])
+        diff = (out - ref) * 255
+        assert diff.min() > -1e-3 and diff.max() < 1 + 1e-3, (op, v, diff.min().item(), diff.max().item())
+
+
+def test_rand_augment_applies_each_samples_own_ops_in_slot_order():
+    """The sorted, batched application equals applying each sample's ops, one after the other, to it alone."""
+    size, k = 16, 3
+    aug = Augment(MEAN, STD, size, ra_ops=k)
+    n = 2 * len(OPS)
+    g = gen(5)
+    ops = torch.cat([torch.arange(len(OPS)).repeat(2)[:, None], torch.randint(0, len(OPS), (n, k - 1), generator=g)], 1)
+    lo = torch.tensor([RA_RANGES[o][0] for o in OPS])[ops]
+    hi = torch.tensor([RA_RANGES[o][1] for o in OPS])[ops]
+    value = lo + (hi - lo) * torch.rand(n, k, generator=g)
+    value = torch.where(ops == OP_INDEX["posterize"], value.floor(), value)
+    x01 = images(n, size, size, seed=2).float() / 255
+    out = aug.rand_augment(x01, strong_params(ops, value, n, size))
+    for i in range(n):
+        ref = x01[i:i + 1]
+        for slot in range(k):
+            ref = OP_FNS[OPS[int(ops[i, slot])]](ref, value[i:i + 1, slot])
+        torch.testing.assert_close(out[i:i + 1], ref, atol=1e-6, rtol=0)
+    assert not torch.equal(out, x01)
 
 
 def test_strong_views_differ_across_identical_images():
@@ -157,32 +259,6 @@ def test_strong_views_differ_across_identical_images():
     x = images(1).expand(n, 3, 32, 32)
     s = Augment(MEAN, STD, 32).strong(x, generator=gen())
     assert len({v.numpy().tobytes() for v in s}) == n
-
-
-def test_rand_augment_applies_each_samples_own_ops():
-    """The sorted, batched application equals applying each sample's ops to it alone."""
-    size, k = 16, 3
-    aug = Augment(MEAN, STD, size, ra_ops=k, ra_max_magnitude=10)
-    n = 2 * len(OPS)
-    g = gen(5)
-    ops = torch.cat([torch.arange(len(OPS)).repeat(2)[:, None], torch.randint(0, len(OPS), (n, k - 1), generator=g)], 1)
-    level = torch.rand(n, k, generator=g)
-    sign = torch.where(torch.rand(n, k, generator=g) < 0.5, -1.0, 1.0)
-    x01 = images(n, size, size, seed=2).float() / 255
-    out = aug.rand_augment(x01, strong_params(ops, level, sign, n, size))
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    for i in range(n):
-        ref = x01[i:i + 1]
-        for slot in range(k):
-            name = OPS[int(ops[i, slot])]
-            if name in COLOR_OPS:
-                ref = COLOR_OPS[name](ref, level[i:i + 1, slot], sign[i:i + 1, slot])
-        if any(OPS[int(o)] in GEOMETRIC_OPS for o in ops[i]):
-            theta = _geometric_theta(ops[i:i + 1], level[i:i + 1], sign[i:i + 1])[:, :2]
-            grid = F.affine_grid(theta, [1, 3, size, size], align_corners=False)
-            ref = (F.grid_sample(ref - mean, grid, mode=RA_WARP_MODE, align_corners=False) + mean).clamp(0, 1)
-        torch.testing.assert_close(out[i:i + 1], ref, atol=1e-6, rtol=0)
-    assert not torch.equal(out, x01)
 
 
 def test_rand_augment_does_not_modify_its_input():
@@ -196,97 +272,116 @@ def test_rand_augment_does_not_modify_its_input():
 @pytest.mark.parametrize("value", [0, 255])
 @pytest.mark.parametrize("op", OPS)
 def test_each_op_keeps_white_and_black_in_range(op, value):
-    n, size = 4, 16
+    n, size = 3, 16
     aug = Augment(MEAN, STD, size, ra_ops=1)
     x01 = torch.full((n, 3, size, size), value / 255.0)
+    lo, hi = RA_RANGES[op]
     ops = torch.full((n, 1), OP_INDEX[op])
-    level = torch.tensor([[0.0], [1.0], [1.0], [0.5]])
-    sign = torch.tensor([[1.0], [1.0], [-1.0], [-1.0]])
-    out = aug.rand_augment(x01, strong_params(ops, level, sign, n, size))
+    vals = torch.tensor([[lo], [(lo + hi) / 2], [hi - 1e-3]])
+    out = aug.rand_augment(x01, strong_params(ops, vals.floor() if op == "posterize" else vals, n, size))
     assert torch.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
-    # Magnitude 0 changes nothing except autocontrast/equalize, which take no magnitude.
-    if op not in ("autocontrast", "equalize"):
-        torch.testing.assert_close(out[0], x01[0], atol=1e-6, rtol=0)
 
 
-def test_magnitude_zero_is_identity_for_every_op():
+def test_neutral_values_are_identity_for_every_op():
+    """Factor 1, 8 bits, threshold 256 and no motion change nothing (values outside RoLR's draws: the op maths)."""
     size = 16
-    aug = Augment(MEAN, STD, size, ra_ops=2)
-    names = [o for o in OPS if o not in ("autocontrast", "equalize")]
+    neutral = {"brightness": 1.0, "color": 1.0, "contrast": 1.0, "sharpness": 1.0, "posterize": 8.0,
+               "rotate": 0.0, "shear_x": 0.0, "shear_y": 0.0, "translate_x": 0.0, "translate_y": 0.0,
+               "solarize": 256.0, "identity": 0.5}
+    names = list(neutral)
     n = len(names)
     ops = torch.tensor([[OP_INDEX[o], OP_INDEX[o]] for o in names])
+    value = torch.tensor([[neutral[o]] * 2 for o in names])
     x01 = images(n, size, size).float() / 255
-    out = aug.rand_augment(x01, strong_params(ops, torch.zeros(n, 2), torch.ones(n, 2), n, size))
+    out = Augment(MEAN, STD, size, ra_ops=2).rand_augment(x01, strong_params(ops, value, n, size))
     torch.testing.assert_close(out, x01, atol=1e-5, rtol=0)
 
 
-def _pil(x01_chw):
-    return Image.fromarray((x01_chw.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-
-
-def _from_pil(img):
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255
-
-
-@pytest.mark.parametrize("op,level,sign,pil_fn", [
-    ("autocontrast", 0.0, 1.0, ImageOps.autocontrast),
-    ("equalize", 0.0, 1.0, ImageOps.equalize),
-    ("solarize", 0.5, 1.0, lambda im: ImageOps.solarize(im, 128)),
-    ("posterize", 0.5, 1.0, lambda im: ImageOps.posterize(im, 6)),
-    ("brightness", 0.5, 1.0, lambda im: ImageEnhance.Brightness(im).enhance(1.45)),
-    ("color", 0.5, -1.0, lambda im: ImageEnhance.Color(im).enhance(0.55)),
-    ("contrast", 0.5, 1.0, lambda im: ImageEnhance.Contrast(im).enhance(1.45)),
-    ("sharpness", 1.0, 1.0, lambda im: ImageEnhance.Sharpness(im).enhance(1.9)),
-])
-def test_color_ops_match_pil(op, level, sign, pil_fn):
-    x = images(3, 24, 24, seed=7)
-    x[1] = x[1] // 2 + 40  # a low-contrast image, so autocontrast and equalize have work to do
-    x01 = x.float() / 255
-    out = COLOR_OPS[op](x01, torch.full((3,), level), torch.full((3,), sign))
-    ref = torch.stack([_from_pil(pil_fn(_pil(v))) for v in x01])
-    # PIL rounds its intermediates to 8 bits (e.g. the grey image of Color and Contrast): allow one level and a half.
-    assert (out - ref).abs().max() <= 1.5 / 255
-
-
-def test_geometric_ops_move_pixels_and_fill_with_the_mean():
+def test_geometric_ops_fill_uncovered_pixels_with_black():
     size = 16
     aug = Augment(MEAN, STD, size, ra_ops=1)
     names = list(GEOMETRIC_OPS)
     n = len(names)
     ops = torch.tensor([[OP_INDEX[o]] for o in names])
-    x01 = torch.ones(n, 3, size, size)  # white: any pixel brought in from outside the image shows as the mean
-    out = aug.rand_augment(x01, strong_params(ops, torch.ones(n, 1), torch.ones(n, 1), n, size))
-    normalised = aug.normalize(out)
+    value = torch.tensor([[RA_RANGES[o][1] - 1e-3] for o in names])
+    x01 = torch.ones(n, 3, size, size)  # white: any pixel brought in from outside the image shows as black
+    out = aug.rand_augment(x01, strong_params(ops, value, n, size))
     for i, name in enumerate(names):
-        assert (out[i] < 1).any(), name
-        # The uncovered corner is exactly the mean (0 after normalising).
-        assert normalised[i].abs().amin(dim=0).min() < 1e-5, name
+        black = (out[i] == 0).all(dim=0)
+        assert black.any() and ((out[i] == 0) | (out[i] == 1)).all(), name
 
 
 # -- cutout ------------------------------------------------------------------------------------------------------------
 
 
-def test_cutout_fills_with_the_mean_within_bounds():
-    n, size = 256, 32
-    aug = Augment(MEAN, STD, size, ra_ops=0, cutout=0.5)
-    x = torch.full((n, 3, size, size), 255, dtype=torch.uint8)  # white: positive after normalising, never 0
-    p = aug.sample_strong(n, (size, size), generator=gen())
-    out = aug.apply_strong(x.float() / 255, p)
-    zero = (out == 0).all(dim=1)  # [N, S, S]
+def test_cutout_box_is_rolrs_pil_rectangle():
+    """RoLR's CutoutAbs arithmetic and PIL's inclusive rectangle, against `_cutout_box`, over random draws."""
+    g = gen(3)
+    for h, w in ((32, 32), (24, 40)):
+        n = 300
+        v = torch.rand(n, generator=g) * 0.5 * w
+        cy = h - (h - 1) * torch.rand(n, generator=g)
+        cx = w - (w - 1) * torch.rand(n, generator=g)
+        box = _cutout_box(v, cy, cx, h, w)
+        for i in range(n):
+            vi, cyi, cxi = float(v[i]), float(cy[i]), float(cx[i])
+            x0, y0 = int(max(0, cxi - vi / 2.0)), int(max(0, cyi - vi / 2.0))
+            im = Image.new("RGB", (w, h))
+            ImageDraw.Draw(im).rectangle((x0, y0, min(w, x0 + vi), min(h, y0 + vi)), CUTOUT_FILL)
+            ref = torch.from_numpy(np.array(im)[..., 0] > 0)
+            y0b, y1b, x0b, x1b = box[i].tolist()
+            ours = torch.zeros(h, w, dtype=torch.bool)
+            ours[y0b:y1b, x0b:x1b] = True
+            assert torch.equal(ours, ref), (vi, cyi, cxi)
+
+
+def test_cutout_draws_follow_rolr():
+    """Box sizes and places against RoLR's own arithmetic run with numpy (`randaugment.py` Cutout, CutoutAbs),
+    including its np.random.uniform(w) centre, which lies in (1, w]."""
+    n, size = 20_000, 32
+    p = Augment(MEAN, STD, size).sample_strong(n, (size, size), generator=gen())
     y0, y1, x0, x1 = p.cutout.unbind(1)
-    expected = (y1 - y0) * (x1 - x0)
-    assert torch.equal(zero.sum(dim=(1, 2)), expected)
-    assert expected.max() <= (size // 2) ** 2 and expected.max() > 0
-    assert (expected == 0).any() or expected.min() < (size // 2) ** 2  # sizes vary per sample
-    for i in range(0, n, 17):
-        box = torch.zeros(size, size, dtype=torch.bool)
-        box[y0[i]:y1[i], x0[i]:x1[i]] = True
-        assert torch.equal(zero[i], box)
-    assert (out[~zero.unsqueeze(1).expand_as(out)] > 0).all()
+    assert (y0 >= 0).all() and (x0 >= 0).all() and (y1 <= size).all() and (x1 <= size).all()
+    rng = np.random.RandomState(0)
+    ref = []
+    for _ in range(n):
+        v = rng.random_sample() * 0.5 * size
+        cx, cy = rng.uniform(size), rng.uniform(size)
+        rx0, ry0 = int(max(0, cx - v / 2.0)), int(max(0, cy - v / 2.0))
+        rx1, ry1 = min(size - 1, int(min(size, rx0 + v))), min(size - 1, int(min(size, ry0 + v)))
+        ref.append((ry0, ry1 + 1, rx0, rx1 + 1))
+    ref = torch.tensor(ref)
+    for ours, theirs in ((y1 - y0, ref[:, 1] - ref[:, 0]), (x1 - x0, ref[:, 3] - ref[:, 2]), (y0, ref[:, 0])):
+        a = torch.bincount(ours, minlength=size + 1).double() / n
+        b = torch.bincount(theirs, minlength=size + 1).double() / n
+        assert (a - b).abs().max() < 0.012  # about 5 standard errors of a share near 1/16
+    assert ((y1 - y0) * (x1 - x0)).double().mean().item() == pytest.approx(
+        ((ref[:, 1] - ref[:, 0]) * (ref[:, 3] - ref[:, 2])).double().mean().item(), rel=0.03)
+    assert (y1 - y0).max() == 16 and (y1 - y0).min() >= 1
+
+
+def test_cutout_fills_rolrs_colour_before_the_crop():
+    """RoLR's order: RandAugment, Cutout (colour (125, 123, 114)), then the zero-padded crop and the flip."""
+    n, size, pad = 64, 32, 4
+    aug = Augment(MEAN, STD, size, ra_ops=0, pad=pad)
+    x = torch.full((n, 3, size, size), 255, dtype=torch.uint8)
+    p = aug.sample_strong(n, (size, size), generator=gen())
+    out = denorm(aug.apply_strong(x.float() / 255, p))
+    fill = torch.tensor(CUTOUT_FILL).view(3, 1, 1) / 255
+    for i in range(n):
+        ref = torch.ones(3, size, size)
+        y0, y1, x0, x1 = p.cutout[i].tolist()
+        ref[:, y0:y1, x0:x1] = fill
+        dy, dx = p.weak.offset[i].tolist()
+        ref = F.pad(ref, (pad,) * 4)[:, dy:dy + size, dx:dx + size]  # torchvision's RandomCrop: black padding
+        if p.weak.flip[i]:
+            ref = ref.flip(-1)
+        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+    assert (p.cutout[:, 1] > p.cutout[:, 0]).all()
 
 
 def test_cutout_zero_disables_it():
-    aug = Augment(MEAN, STD, 32, ra_ops=0, cutout=0.0)
+    aug = Augment(MEAN, STD, 32, ra_ops=0, cutout=0.0, pad=0)
     x = torch.full((16, 3, 32, 32), 255, dtype=torch.uint8)
     assert (aug.strong(x, generator=gen()) > 0).all()
 
@@ -348,6 +443,85 @@ def test_module_eval_without_a_batch_keeps_nn_module_semantics():
     assert not aug.training
 
 
+# -- TCL's contrastive view -------------------------------------------------------------------------------------------
+
+
+def test_contrastive_draws_follow_tcl():
+    """Hzzone/TCL `models/tcl/tcl.py` train_transform with its CIFAR configs' crop scale 0.2."""
+    n = 20_000
+    aug = Augment(MEAN, STD, 32)
+    p = aug.sample_contrastive(n, (32, 32), generator=gen())
+    for name, flags in (("flip", p.flip), ("jitter", p.jitter), ("gray", p.gray), ("solarize", p.solarize)):
+        assert abs(flags.double().mean().item() - TCL_P[name]) < 0.015, name
+    y0, x0, h, w = p.box.unbind(1)
+    area = h * w / 32**2
+    assert area.min() >= 0.2 - 1e-4 and area.max() <= 1 + 1e-4 and area.min() < 0.21
+    assert (w / h).min() >= 3 / 4 - 1e-4 and (w / h).max() <= 4 / 3 + 1e-4
+    assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= 32 + 1e-4).all() and (x0 + w <= 32 + 1e-4).all()
+    centre = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    for j, s in enumerate(TCL_JITTER_STRENGTH):
+        f = p.factor[:, j]
+        assert f.min() >= centre[j] - s and f.max() <= centre[j] + s
+        assert f.min() < centre[j] - 0.99 * s and f.max() > centre[j] + 0.99 * s
+        assert abs(f.mean().item() - centre[j]) < 0.02 * s
+    # The jitter order is a uniform random permutation per sample (torch.randperm(4) in ColorJitter).
+    assert (p.order.sort(dim=1).values == torch.arange(4)).all()
+    first = torch.bincount(p.order[:, 0], minlength=4).double() / n
+    assert (first - 0.25).abs().max() < 0.015
+    assert len({tuple(r) for r in p.order[:200].tolist()}) == 24
+    # Larger images: the option's default crop scale, 0.08.
+    q = Augment(MEAN, STD, 64, style="imagenet").sample_contrastive(4000, (80, 80), generator=gen())
+    area = q.box[:, 2] * q.box[:, 3] / 80**2
+    assert area.min() >= 0.08 - 1e-4 and area.min() < 0.1
+
+
+def test_contrastive_applies_tcls_ops_in_each_samples_order():
+    n, size = 24, 16
+    aug = Augment(MEAN, STD, size)
+    x01 = images(n, size, size, seed=4).float() / 255
+    p = aug.sample_contrastive(n, (size, size), generator=gen(2))
+    p.jitter[:4] = True
+    p.gray[:2], p.solarize[2:4] = False, False
+    out = denorm(aug.apply_contrastive(x01, p))
+    fns = [lambda t, v: (t * v).clamp(0, 1), None, None, _hue]
+    for i in range(n):
+        box = p.box[i:i + 1]
+        ref = aug.apply_weak.__func__  # noqa: F841 (the crop itself is the imagenet weak crop, tested above)
+        ref = Augment(MEAN, STD, size, style="imagenet").apply_weak(x01[i:i + 1], WeakParams(flip=p.flip[i:i + 1], box=box))
+        if p.jitter[i]:
+            for j in p.order[i].tolist():
+                f = p.factor[i:i + 1, j]
+                ref = OP_FNS[("brightness", "contrast", "color")[j]](ref, f) if j < 3 else fns[3](ref, f)
+        if p.gray[i]:
+            g = (19595 * ref[:, 0:1] + 38470 * ref[:, 1:2] + 7471 * ref[:, 2:3]) / 65536
+            ref = g.expand_as(ref)
+        if p.solarize[i]:
+            ref = torch.where((ref * 255 + 0.5).floor() < 128, ref, 1 - ref)
+        torch.testing.assert_close(out[i:i + 1], ref, atol=2e-5, rtol=0)
+    # The order matters: the same factors in another order give another image.
+    p2 = ContrastiveParams(**{**p.__dict__, "order": p.order.flip(1)})
+    assert not torch.allclose(aug.apply_contrastive(x01, p2)[:4], aug.apply_contrastive(x01, p)[:4])
+
+
+def test_hue_matches_torchvision():
+    tf = pytest.importorskip("torchvision.transforms.functional")
+    x = images(16, 12, 12, seed=1).float() / 255
+    x[0] = 0.5  # grey: no hue to shift
+    v = torch.linspace(-0.1, 0.1, 16)
+    ref = torch.stack([tf.adjust_hue(x[i], float(v[i])) for i in range(16)])
+    torch.testing.assert_close(_hue(x, v), ref, atol=1e-5, rtol=0)
+
+
+def test_contrastive_is_per_sample_and_seeded():
+    aug = Augment(MEAN, STD, 32)
+    x = images(1).expand(32, 3, 32, 32)
+    a = aug.contrastive(x, generator=gen(1))
+    assert len({v.numpy().tobytes() for v in a}) == 32
+    assert torch.equal(a, aug.contrastive(x, generator=gen(1)))
+    assert not torch.equal(a, aug.contrastive(x, generator=gen(2)))
+    assert a.dtype == torch.float32 and a.shape == (32, 3, 32, 32)
+
+
 # -- mixup -------------------------------------------------------------------------------------------------------------
 
 
@@ -369,10 +543,38 @@ def test_mixup():
     assert len(lams) == 10
 
 
+def test_draw_mixup_takes_lam_from_the_host_and_perm_from_the_generator():
+    lam, perm = draw_mixup(16, 1.0, generator=gen(4), host=random.Random(7))
+    b = random.Random(7).betavariate(1.0, 1.0)
+    assert lam == max(b, 1 - b)
+    # The generator gives only the permutation: no draw is spent on seeding lam.
+    assert torch.equal(perm, torch.randperm(16, generator=gen(4)))
+    lams = [draw_mixup(4, 2.0, host=random.Random(s))[0] for s in range(200)]
+    assert min(lams) >= 0.5 and max(lams) <= 1.0 and len(set(lams)) == 200
+    # Without a host Random, lam still follows the generator's seed.
+    assert draw_mixup(8, 1.0, generator=gen(3)) [0] == draw_mixup(8, 1.0, generator=gen(3))[0]
+    host = random.Random(0)
+    assert draw_mixup(8, 1.0, host=host)[0] != draw_mixup(8, 1.0, host=host)[0]  # the host stream advances
+
+
+def test_apply_mixup_mixes_images_and_targets_alike():
+    x = torch.randn(6, 3, 4, 4, generator=gen())
+    y = torch.eye(6)[:, :4]
+    perm = torch.tensor([5, 4, 3, 2, 1, 0])
+    torch.testing.assert_close(apply_mixup(x, 0.7, perm), 0.7 * x + 0.3 * x.flip(0))
+    torch.testing.assert_close(apply_mixup(y, 0.7, perm), 0.7 * y + 0.3 * y.flip(0))
+    with pytest.raises(ValueError):
+        apply_mixup(torch.zeros(6, dtype=torch.long), 0.7, perm)
+    with pytest.raises(ValueError):
+        apply_mixup(x, 0.7, perm[:5])
+
+
 def test_mixup_rejects_bad_input():
     x, y = torch.zeros(4, 3), torch.zeros(4, 2)
     with pytest.raises(UserError):
         mixup(x, y, 0.0)
+    with pytest.raises(UserError):
+        draw_mixup(4, -1.0)
     with pytest.raises(UserError):
         mixup(x, torch.zeros(4, dtype=torch.long), 1.0)
     with pytest.raises(UserError):
@@ -383,7 +585,7 @@ def test_mixup_rejects_bad_input():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(style="autoaugment"), dict(pad_mode="edge"), dict(ra_max_magnitude=11), dict(cutout=1.5),
+    dict(style="autoaugment"), dict(pad_mode="edge"), dict(cutout=1.5), dict(contrastive_scale=(0.0, 1.0)),
     dict(ra_ops=-1), dict(pad=32), dict(size=0), dict(std=(0.2, 0.0, 0.2)), dict(mean=(0.5, 0.5)),
 ])
 def test_bad_options_are_user_errors(kwargs):
@@ -407,6 +609,7 @@ def test_ra_ops_zero_and_empty_batch():
                                aug.weak(x, generator=gen()))
     w, (s,) = Augment(MEAN, STD, 32).views(images(0), generator=gen())
     assert w.shape == s.shape == (0, 3, 32, 32)
+    assert Augment(MEAN, STD, 32).contrastive(images(0), generator=gen()).shape == (0, 3, 32, 32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -415,6 +618,12 @@ def test_cuda_views_with_cuda_and_cpu_generators():
     x = images(16).cuda()
     for g in (torch.Generator(device="cuda").manual_seed(0), gen()):
         w, (s,) = aug.views(x, generator=g)
-        assert w.is_cuda and s.is_cuda and s.shape == (16, 3, 32, 32)
-    _, _, lam, perm = mixup(w, torch.eye(16, device="cuda"), 1.0, generator=torch.Generator(device="cuda"))
+        c = aug.contrastive(x, generator=g)
+        assert w.is_cuda and s.is_cuda and c.is_cuda and s.shape == c.shape == (16, 3, 32, 32)
+    lam, perm = draw_mixup(16, 1.0, generator=torch.Generator(device="cuda"), host=random.Random(0), device="cuda")
     assert perm.is_cuda and 0.5 <= lam <= 1
+    # The device ops match the CPU ops sample for sample.
+    g_cpu = gen(5)
+    p = aug.sample_strong(16, (32, 32), generator=g_cpu, device="cpu")
+    torch.testing.assert_close(aug.apply_strong(x.float() / 255, p).cpu(),
+                               Augment(MEAN, STD, 32).apply_strong(x.cpu().float() / 255, p), atol=1e-4, rtol=0)
