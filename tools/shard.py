@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train labels from a file: CIFAR-N *_human.pt, DivideMix/RoLR .json, TCL .npy")
     p.add_argument("--label-key", metavar="KEY", help="the array to take from --labels (e.g. worse_label, noisy_label)")
     p.add_argument("--noise", default="none", choices=NOISE_TYPES,
-                   help="synthetic label noise (asym: the CIFAR-10 class map; pair on other data sets)")
+                   help="sym (DivideMix/RoLR/TCL): int(R*N) relabelled from all classes, true one included; sym_exclusive: never")
     p.add_argument("--noise-rate", type=float, default=0.0, metavar="R", help="noise rate in [0, 1)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the split and order never depend on it)")
     p.add_argument("--num-classes", type=int, metavar="N", help="webvision: keep classes < N (50: mini-WebVision)")

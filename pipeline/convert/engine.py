@@ -127,7 +127,8 @@ def _png_bytes(im) -> bytes:
 
 
 def _feature_chunk(items: list[Item]) -> np.ndarray:
-    """uint8 [n, 32*32*3]: images resized to 32x32 RGB, flattened (zeros where a file does not decode)."""
+    """uint8 [n, 3*32*32]: images resized to 32x32 RGB, flattened in CHW order, the layout of CIFAR's pickles that
+    Xia et al.'s instance-noise generator reads (zeros where a file does not decode)."""
     from PIL import Image
 
     out = np.zeros((len(items), FEATURE_SIZE * FEATURE_SIZE * 3), dtype=np.uint8)
@@ -141,7 +142,7 @@ def _feature_chunk(items: list[Item]) -> np.ndarray:
             im = im.convert("RGB")
             if im.size != (FEATURE_SIZE, FEATURE_SIZE):
                 im = im.resize((FEATURE_SIZE, FEATURE_SIZE), Image.BILINEAR)
-            out[i] = np.asarray(im).reshape(-1)
+            out[i] = np.asarray(im).transpose(2, 0, 1).reshape(-1)  # HWC -> CHW
         except Exception:  # undecodable: skipped later by the encode pass, which records why
             pass
     return out
@@ -225,7 +226,7 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
     if opts.noise != "none" and opts.noise_rate == 0.0:
         raise UserError(f"--noise {opts.noise} needs --noise-rate R with 0 < R < 1")
     if opts.noise == "none" and opts.noise_rate:
-        raise UserError("--noise-rate needs --noise sym|pair|asym|instance")
+        raise UserError(f"--noise-rate needs --noise {'|'.join(t for t in noise_mod.NOISE_TYPES if t != 'none')}")
     if opts.shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, got {opts.shard_size}")
     if opts.num_classes is not None and opts.num_classes < 1:
@@ -249,10 +250,10 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
         # --- training labels: the source's, a label file's, or synthetic noise; the true label is kept
         given = labels_of["train"]
         if opts.labels:
-            train_label, noise_info = noise_mod.load_label_file(
-                opts.labels, num_classes=num_classes, count=given.size, key=opts.label_key
-            )
             train_clean = given if source.train_clean else np.full_like(given, -1)
+            train_label, noise_info = noise_mod.load_label_file(
+                opts.labels, num_classes=num_classes, count=given.size, key=opts.label_key, truth=train_clean
+            )
         elif opts.noise != "none":
             features = None
             if opts.noise == "instance":
@@ -349,13 +350,13 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
         "noise": noise_entry,
         "num_skipped": len(skipped),
         "skipped": skipped,
-        "notes": source.notes + ([noise_entry["note"]] if "note" in noise_entry else []),
+        "notes": source.notes + [noise_entry[k] for k in ("note", "warning") if k in noise_entry],
         "tool_version": f"ccl {ccl.__version__}",
         "created": {"tool": "tools/shard.py", "format": fmt, "options": _options_record(opts)},
     }
     write_json_atomic(out / MANIFEST, manifest)
     for note in manifest["notes"]:
-        log(f"note: {note}")
+        log(f"{'warning' if note == noise_entry.get('warning') else 'note'}: {note}")
     if skipped:
         log(f"skipped {len(skipped)} image(s) (undecodable or missing); listed under 'skipped' in {MANIFEST}")
     seconds = time.perf_counter() - t0
@@ -433,11 +434,15 @@ def ensure_digits(cache_dir, noise: str = "sym", rate: float = 0.4, seed: int = 
     if noise == "none" or rate == 0:
         noise, rate = "none", 0.0
     final = cache_dir / f"digits-{noise}{rate:g}-s{seed}"
-    if (final / MANIFEST).is_file():
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
     # Small shards so that loaders have several to split between workers and ranks.
     opts = ConvertOptions(noise=noise, noise_rate=rate, seed=seed, shard_size=256, workers=1, progress=False)
+    if (final / MANIFEST).is_file():
+        if _noise_is_current(final / MANIFEST):
+            return final
+        # Made by a noise generator older than the conventions (sym then never kept the true label): remake it.
+        convert("digits", None, final, dataclasses.replace(opts, overwrite=True), log=lambda s: None)
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
     if final.exists():  # a partial build from an interrupted run: finish it in place
         convert("digits", None, final, opts, log=lambda s: None)
         return final
@@ -452,3 +457,15 @@ def ensure_digits(cache_dir, noise: str = "sym", rate: float = 0.4, seed: int = 
 
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _noise_is_current(manifest_path: Path) -> bool:
+    """Whether a cached set's synthetic labels come from today's generators: their noise record names its
+    convention (noise.CONVENTIONS), which older records lack."""
+    import json
+
+    try:
+        noise = json.loads(manifest_path.read_text()).get("noise") or {}
+    except (OSError, ValueError):
+        return False
+    return noise.get("type") in ("none", "file") or "convention" in noise

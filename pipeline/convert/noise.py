@@ -1,20 +1,29 @@
 """Label noise: the synthetic generators of DESIGN §3 and loaders for label files published with other work.
 
 Synthetic noise is a pure function of (clean labels, rate, seed[, features]); every generator draws from one
-`numpy.random.Generator`, so the same seed gives the same labels on any machine.
+`numpy.random.Generator`, so the same seed gives the same labels on any machine. Each follows a peer's code, named
+in `CONVENTIONS` (which the manifest's noise record carries):
 
-- sym:      T_ij = r / (C - 1) for j != i. Each sample flips with probability r to a class drawn uniformly
-            from the other C - 1 (the true label is never redrawn, so the expected noise rate is exactly r).
+- sym:      DivideMix, Robust-LR and TCL: int(r N) samples, chosen by a random permutation, get a label drawn
+            uniformly from *all* C classes, the true one included, so the realised rate is about r (C - 1) / C
+            (LiJunnan1992/DivideMix `dataloader_cifar.py` l. 58-71, `random.randint(0, 9)`; chenmc1996/Robust-LR
+            `dataloader_cifar.py`, the same block; Hzzone/TCL `models/tcl/data/create_noise.py`, random_in_noise).
+- sym_exclusive: T_ij = r / (C - 1) for j != i: each sample flips with probability r to one of the other C - 1
+            classes (the true label is never redrawn, so the expected rate is r itself).
 - pair:     i -> (i + 1) mod C with probability r.
-- asym:     the CIFAR-10 class map of DivideMix/RoLR (truck->automobile, bird->airplane, deer->horse,
-            cat<->dog) with probability r; classes outside the map keep their label, so the measured rate is
-            about r/2. Other data sets have no such map: asym falls back to pair, and the manifest says so.
-- instance: Xia et al. 2020, "Part-dependent label noise" (their instance-dependent generator): per-sample
-            flip rates q_n ~ N(r, 0.1^2) truncated to [0, 1]; per true class c a projection W_c ~ N(0, 1) of
-            shape [D, C]; p_n = q_n * softmax(x_n W_c) with the true class masked out, plus 1 - q_n on the
-            true class; the noisy label is drawn from p_n.
+- asym:     the CIFAR-10 class map of DivideMix/RoLR (truck->automobile, bird->airplane, deer->horse, cat<->dog),
+            applied as their code applies it: int(r N) samples chosen by a random permutation take their class's
+            image under the map, which leaves the other five classes unchanged, so the measured rate is about r/2.
+            Other data sets have no such map: asym falls back to pair, and the manifest says so.
+- instance: Xia et al. 2020, "Part-dependent label noise", as their generator runs (xiaoboxia/Part-dependent-
+            label-noise `tools.py` get_instance_noisy_label, l. 24-45, fed by `data.py` with the raw 0-255 pixels
+            in CHW order): per-sample flip rates q_n ~ N(r, 0.1^2) truncated to [0, 1]; per true class c a
+            projection W_c ~ N(0, 1) of shape [D, C]; p_n = q_n * softmax(x_n W_c) with the true class masked
+            out, plus 1 - q_n on the true class; the noisy label is drawn from p_n. On raw pixels x_n W_c is in
+            the thousands, so the softmax is nearly one-hot and most of a class's flips go to one class.
 
-Label files: CIFAR-10N/100N `*_human.pt` (a dict of arrays saved with torch.save; pick the key),
+Label files: CIFAR-10N/100N `*_human.pt` (a dict of arrays saved with torch.save; pick the key; its `clean_label`
+must equal the data's labels one by one, as UCSC-REAL/cifar-10-100n `data/cifar.py` load_label asserts),
 DivideMix/RoLR `r_mode.json` noise files (a JSON list of labels), TCL `.npy` arrays.
 """
 
@@ -29,7 +38,20 @@ import numpy as np
 
 from ccl.errors import UserError
 
-NOISE_TYPES = ("none", "sym", "pair", "asym", "instance")
+NOISE_TYPES = ("none", "sym", "sym_exclusive", "pair", "asym", "instance")
+# What each synthetic type does, in one line: the manifest's noise record carries it as `convention`, so a shard
+# set says which rule made its labels (a set built before a rule changed says nothing, or something else).
+CONVENTIONS = {
+    "none": None,
+    "sym": "DivideMix/Robust-LR/TCL: int(r*N) samples, chosen by a random permutation, relabelled uniformly from all "
+           "C classes, the true one included (realised rate about r(C-1)/C)",
+    "sym_exclusive": "each sample flips with probability r to a class drawn uniformly from the other C-1 (rate r)",
+    "pair": "each sample flips with probability r to class (i+1) mod C",
+    "asym": "DivideMix/Robust-LR: int(r*N) samples, chosen by a random permutation, take their class's image under "
+            "the CIFAR-10 map (9->1, 2->0, 4->7, 3<->5; other classes keep theirs)",
+    "instance": "Xia et al. 2020 get_instance_noisy_label: truncated-normal rates (std 0.1), per-class N(0,1) "
+                "projections of the raw 0-255 pixels in CHW order",
+}
 # DivideMix/RoLR CIFAR-10 asymmetric map: truck->automobile, bird->airplane, deer->horse, cat<->dog.
 CIFAR10_ASYM = {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}
 CIFAR10N_KEYS = ("aggre_label", "random_label1", "random_label2", "random_label3", "worse_label", "clean_label")
@@ -62,7 +84,22 @@ def check_labels(labels: np.ndarray, num_classes: int, what: str) -> np.ndarray:
 # Synthetic generators
 
 
+def _chosen(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """The peers' selection: the first int(r N) of a random permutation, int64 indices (DivideMix/RoLR:
+    `random.shuffle(idx); noise_idx = idx[:int(r * 50000)]`)."""
+    return rng.permutation(n)[: int(rate * n)]
+
+
 def sym_noise(labels: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """The peers' symmetric noise: int(r N) chosen samples relabelled uniformly from all C classes."""
+    labels = np.asarray(labels, dtype=np.int64)  # [N]
+    noisy = labels.copy()
+    chosen = _chosen(labels.size, rate, rng)
+    noisy[chosen] = rng.integers(0, num_classes, size=chosen.size)  # the true class may come back
+    return noisy
+
+
+def sym_exclusive_noise(labels: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
     """Symmetric noise, T_ij = r/(C-1) off the diagonal: flip with prob. r to one of the other C-1 classes."""
     labels = np.asarray(labels, dtype=np.int64)  # [N]
     flip = rng.random(labels.size) < rate  # [N]
@@ -78,13 +115,16 @@ def pair_noise(labels: np.ndarray, num_classes: int, rate: float, rng: np.random
 
 
 def class_map_noise(labels: np.ndarray, class_map: dict[int, int], rate: float, rng: np.random.Generator) -> np.ndarray:
-    """i -> class_map[i] with probability r for the classes in the map; the others keep their label."""
+    """The peers' asymmetric noise: int(r N) chosen samples take class_map[label]; classes outside the map keep
+    theirs (DivideMix `dataloader_cifar.py` l. 72-74, `self.transition[train_label[i]]`)."""
     labels = np.asarray(labels, dtype=np.int64)
     target = labels.copy()
     for src, dst in class_map.items():
         target[labels == src] = dst
-    flip = rng.random(labels.size) < rate
-    return np.where(flip, target, labels)
+    noisy = labels.copy()
+    chosen = _chosen(labels.size, rate, rng)
+    noisy[chosen] = target[chosen]
+    return noisy
 
 
 def instance_noise(
@@ -98,8 +138,10 @@ def instance_noise(
 ) -> np.ndarray:
     """Instance-dependent noise of Xia et al. 2020 (part-dependent label noise, NeurIPS), seeded.
 
-    features: [N, D] per-sample features (flattened images; uint8 pixels are scaled to [0, 1]). They are
-    standardised with one global mean/std so that x W has the same scale whatever the pixel range.
+    features: [N, D] per-sample features as their code feeds them: the raw pixel values (0-255, uint8 or float),
+    flattened in CHW order (`data.py`: `torch.from_numpy(train_images).float()` of the CIFAR rows, reshaped to
+    (3, 32, 32) later). No scaling: on such features the logits x W_c are large, so each sample's flip goes
+    almost surely to its argmax class, and a class's flips concentrate on a few targets.
     """
     from scipy import stats
 
@@ -110,18 +152,16 @@ def instance_noise(
     flip_rate = stats.truncnorm.rvs(
         (0 - rate) / norm_std, (1 - rate) / norm_std, loc=rate, scale=norm_std, size=n, random_state=rng
     )  # [N] per-sample rates, mean ~ r
-    scale = 255.0 if features.dtype == np.uint8 else 1.0
-    mu, sd = _global_mean_std(features, scale, chunk)
     dim = features.shape[1]
     probs = np.empty((n, num_classes), dtype=np.float64)  # [N, C]
     for c in range(num_classes):
-        # One projection per true class, drawn in class order whether or not the class occurs (stable draws).
+        # One projection per true class, drawn in class order whether or not the class occurs (their
+        # W = randn(C, D, C), W[y]).
         w = rng.standard_normal((dim, num_classes))  # [D, C]
         rows = np.flatnonzero(labels == c)
         for start in range(0, rows.size, chunk):
             r = rows[start : start + chunk]
-            x = (features[r].astype(np.float64) / scale - mu) / sd  # [n, D]
-            logits = x @ w  # [n, C]
+            logits = features[r].astype(np.float64) @ w  # [n, C]
             logits[:, c] = -np.inf  # the flip never lands on the true class
             logits -= logits.max(axis=1, keepdims=True)
             p = np.exp(logits)
@@ -132,18 +172,6 @@ def instance_noise(
     u = rng.random(n)[:, None]  # [N, 1]
     noisy = (u > np.cumsum(probs, axis=1)).sum(axis=1)  # inverse-CDF draw from each row
     return np.minimum(noisy, num_classes - 1).astype(np.int64)
-
-
-def _global_mean_std(features: np.ndarray, scale: float, chunk: int) -> tuple[float, float]:
-    total, total_sq, count = 0.0, 0.0, 0
-    for start in range(0, features.shape[0], chunk):
-        x = features[start : start + chunk].astype(np.float64) / scale
-        total += float(x.sum())
-        total_sq += float((x * x).sum())
-        count += x.size
-    mean = total / max(count, 1)
-    var = max(total_sq / max(count, 1) - mean * mean, 0.0)
-    return mean, math.sqrt(var) or 1.0
 
 
 def make_noisy_labels(
@@ -165,6 +193,7 @@ def make_noisy_labels(
     if kind == "none":
         info.update(rate=0.0, seed=None)
         return labels.copy(), info
+    info["convention"] = CONVENTIONS[kind]
     if num_classes < 2:
         raise UserError(f"--noise {kind} needs at least 2 classes, the data set has {num_classes}")
     rng = np.random.default_rng(seed)
@@ -172,6 +201,8 @@ def make_noisy_labels(
         return labels.copy(), info
     if kind == "sym":
         noisy = sym_noise(labels, num_classes, rate, rng)
+    elif kind == "sym_exclusive":
+        noisy = sym_exclusive_noise(labels, num_classes, rate, rng)
     elif kind == "pair":
         noisy = pair_noise(labels, num_classes, rate, rng)
     elif kind == "asym":
@@ -180,6 +211,7 @@ def make_noisy_labels(
             info["class_map"] = {str(k): v for k, v in CIFAR10_ASYM.items()}
         else:
             noisy = pair_noise(labels, num_classes, rate, rng)
+            info["convention"] = CONVENTIONS["pair"]
             info["note"] = (
                 f"asym is the CIFAR-10 class map; {dataset or 'this data set'} has none, so pair noise "
                 "(i -> i+1 mod C) was used"
@@ -188,7 +220,6 @@ def make_noisy_labels(
         if features is None:
             raise ValueError("instance noise needs features")
         noisy = instance_noise(labels, features, num_classes, rate, rng)
-        info["generator"] = "Xia et al. 2020 (truncated-normal rates, std 0.1; per-class N(0,1) projections)"
     return noisy, info
 
 
@@ -234,20 +265,28 @@ def noise_summary(info: dict, clean: np.ndarray, noisy: np.ndarray, num_classes:
 # Label files
 
 
-def load_label_file(path, *, num_classes: int, count: int, key: str | None = None) -> tuple[np.ndarray, dict]:
+def load_label_file(
+    path, *, num_classes: int, count: int, key: str | None = None, truth: np.ndarray | None = None
+) -> tuple[np.ndarray, dict]:
     """Training labels from a file, checked against the data: int64 [count] in 0..num_classes-1.
 
     .pt/.pth: CIFAR-10N/100N (`CIFAR-10_human.pt`: aggre_label, random_label1..3, worse_label, clean_label;
     `CIFAR-100_human.pt`: noisy_label, clean_label); .json: DivideMix/RoLR noise files (a list of labels,
     e.g. `0.5_sym.json`) or a dict of lists with `key`; .npy: TCL's label arrays.
+    truth: the data's own labels in the same order (int64 [count], -1 where unknown), when known. A file that
+    holds `clean_label` (CIFAR-N) must agree with them label by label: a file for another data set or another
+    image order is an error, not a 90% noise rate. Labels that use fewer classes than the data (a CIFAR-10 file
+    given to CIFAR-100) give a warning in the spec, with the measured rate.
     Returns the labels and the manifest's noise spec (type "file").
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--labels {path}: no such file")
     suffix = path.suffix.lower()
+    obj = None
     if suffix in (".pt", ".pth"):
-        raw, used_key = _pick_key(_load_pt(path), key, path)
+        obj = _load_pt(path)
+        raw, used_key = _pick_key(obj, key, path)
     elif suffix == ".json":
         try:
             obj = json.loads(path.read_text())
@@ -271,6 +310,14 @@ def load_label_file(path, *, num_classes: int, count: int, key: str | None = Non
     if labels.size != count:
         raise UserError(f"--labels {path}: holds {labels.size} labels, the train split has {count}")
     labels = check_labels(labels, num_classes, f"--labels {path.name}")
+    known = None
+    if truth is not None:
+        truth = np.asarray(truth, dtype=np.int64)
+        if truth.shape != labels.shape:
+            raise ValueError(f"truth holds {truth.size} labels for {labels.size}")
+        known = truth >= 0
+    if isinstance(obj, dict) and "clean_label" in obj and known is not None and known.any():  # CIFAR-N
+        _check_clean_label(_as_label_vector(obj["clean_label"], path), truth, known, path)
     source = path.name if used_key is None else f"{path.name}:{used_key}"
     info = {
         "type": "file",
@@ -279,7 +326,31 @@ def load_label_file(path, *, num_classes: int, count: int, key: str | None = Non
         "source": source,
         "source_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
     }
+    has_truth = known is not None and bool(known.any())
+    used = np.unique(labels).size
+    expected = np.unique(truth[known]).size if has_truth else num_classes
+    if used < expected:
+        rate = f"; measured noise rate {actual_rate(truth[known], labels[known]):.4f}" if has_truth else ""
+        info["warning"] = (
+            f"--labels {path.name}: its labels use {used} of the {expected} classes the data has{rate}; "
+            "is it the label file of another data set?"
+        )
     return labels, info
+
+
+def _check_clean_label(clean: np.ndarray, truth: np.ndarray, known: np.ndarray, path: Path) -> None:
+    """A CIFAR-N file's clean_label against the data's labels, one by one (UCSC-REAL/cifar-10-100n `data/cifar.py`
+    load_label only asserts that the sums of the differences cancel)."""
+    if clean.size != truth.size:
+        raise UserError(f"--labels {path}: clean_label holds {clean.size} labels, the train split has {truth.size}")
+    wrong = np.flatnonzero(known & (clean != truth))
+    if wrong.size:
+        i = int(wrong[0])
+        raise UserError(
+            f"--labels {path}: its clean_label disagrees with the data's labels at {wrong.size} of "
+            f"{int(known.sum())} positions (first at {i}: {clean[i]} vs {truth[i]}); the file belongs to another "
+            "data set or another image order (CIFAR-N follows the official python pickles' order)"
+        )
 
 
 def _load_pt(path: Path):
