@@ -12,9 +12,10 @@ tensor ops, with random parameters drawn per sample, so the cost does not grow w
   and `RandAugment.__call__` l. 170-177; `dataloader_cifar.py`, `cifar_dataloader.__init__`, inserts it *before*
   the crop and flip of the weak transform): 3 ops drawn with replacement from its 14, each op's value drawn
   uniformly over the op's *whole* range per sample and op (the `m` of RandAugment(3, 5) is never read), then
-  Cutout, then an independently drawn weak crop and flip. Each op runs, in slot order, once on the contiguous
-  slice of samples that drew it; every op follows its PIL counterpart (ImageOps, ImageEnhance, Image.transform
-  with nearest resampling and black fill), see `RA_RANGES` and the op functions.
+  Cutout, then an independently drawn weak crop and flip. Slot by slot, each colour op runs once on the
+  contiguous slice of samples that drew it, and the five geometric ops share one warp; every op follows its PIL
+  counterpart (ImageOps, ImageEnhance, Image.transform with nearest resampling and black fill), see `RA_RANGES`
+  and the op functions.
 - contrastive: TCL's SimCLR-style view (Hzzone/TCL `models/tcl/tcl.py`, `TCL.train_transform`):
   random-resized-crop, flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p = 0.8 in a random order per sample,
   grayscale with p = 0.2, solarize at 128 with p = 0.5.
@@ -221,58 +222,53 @@ def _affine(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """
     m, ch, h, w = x.shape
     coef = coef.double()  # float32 cannot hold c * 65536 exactly beyond about 256 px
-
-    def fix(v: torch.Tensor) -> torch.Tensor:
-        # int32 holds the 16.16 coordinates of any image up to a few thousand px, and is cheaper than int64.
-        return (v * _FIXED + 0.5).floor().to(torch.int32)
-
-    a, b, d, e = fix(coef[:, 0]), fix(coef[:, 1]), fix(coef[:, 3]), fix(coef[:, 4])  # [M] each
-    # Start at the first pixel centre (0.5, 0.5), as PIL does: FIX(c + a/2 + b/2), FIX(f + d/2 + e/2).
-    x0 = fix(coef[:, 2] + 0.5 * coef[:, 0] + 0.5 * coef[:, 1])
-    y0 = fix(coef[:, 5] + 0.5 * coef[:, 3] + 0.5 * coef[:, 4])
+    # Start at the first pixel centre (0.5, 0.5), as PIL does: c + a/2 + b/2 and f + d/2 + e/2, then FIX(v) =
+    # floor(v * 65536 + 0.5). int32 holds these coordinates for images up to a few thousand px.
+    start = coef[:, [2, 5]] + 0.5 * (coef[:, [0, 3]] + coef[:, [1, 4]])  # [M, 2]
+    fixed = (torch.cat([coef[:, [0, 1, 3, 4]], start], dim=1) * _FIXED + 0.5).floor_().to(torch.int32)  # [M, 6]
+    a, b, d, e, x0, y0 = (t.view(m, 1, 1) for t in fixed.unbind(1))
     xs = torch.arange(w, device=x.device, dtype=torch.int32).view(1, 1, w)
     ys = torch.arange(h, device=x.device, dtype=torch.int32).view(1, h, 1)
     # The arithmetic shift >> 16 floors, as PIL's does.
-    xi = ((a.view(m, 1, 1) * xs + x0.view(m, 1, 1)) + b.view(m, 1, 1) * ys) >> 16  # [M, H, W]
-    yi = ((d.view(m, 1, 1) * xs + y0.view(m, 1, 1)) + e.view(m, 1, 1) * ys) >> 16
+    xi = ((a * xs + x0) + b * ys) >> 16  # [M, H, W]
+    yi = ((d * xs + y0) + e * ys) >> 16
     inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)  # [M, H, W]
     index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long().view(m, 1, h * w).expand(m, ch, h * w)
     out = x.reshape(m, ch, h * w).gather(2, index).view(m, ch, h, w)
     return out * inside.unsqueeze(1).to(out.dtype)
 
 
-def _coef(m: int, device, **entries: torch.Tensor) -> torch.Tensor:
-    """Affine coefficients [M, 6], the identity except the named entries (a..f)."""
-    coef = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0], device=device).repeat(m, 1)
-    for name, value in entries.items():
-        coef[:, "abcdef".index(name)] = value
-    return coef
+def _geometric(x: torch.Tensor, v: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+    """RoLR's five geometric ops in one warp, each sample its own (op [M] indexes OPS, v [M] its value):
 
-
-def _rotate(x, v):
-    # PIL's Image.rotate(v): about the centre (W/2, H/2), counter-clockwise for v > 0, output size kept.
+    rotate:      Image.rotate(v): about the centre (W/2, H/2), counter-clockwise for v > 0, output size kept;
+    shear_x / y: Image.transform(size, AFFINE, (1, v, 0, 0, 1, 0)) / (1, 0, 0, v, 1, 0), about the top-left;
+    translate:   (1, 0, v W, 0, 1, 0) / (1, 0, 0, 0, 1, v H).
+    """
     h, w = x.shape[-2:]
-    t = torch.deg2rad(v)
-    cos, sin = t.cos(), t.sin()
+    zero, one = torch.zeros_like(v), torch.ones_like(v)
+
+    def is_(name: str) -> torch.Tensor:
+        return op == OP_INDEX[name]
+
+    rot = is_("rotate")
+    t = torch.deg2rad(torch.where(rot, v, zero))
+    cos, sin = t.cos(), t.sin()  # 1 and 0 for the other ops
     cx, cy = w / 2.0, h / 2.0
-    coef = torch.stack([cos, -sin, cx - cos * cx + sin * cy, sin, cos, cy - sin * cx - cos * cy], dim=1)  # [M, 6]
+    b = torch.where(is_("shear_x"), v, -sin)
+    d = torch.where(is_("shear_y"), v, sin)
+    c = torch.where(is_("translate_x"), v * w, torch.where(rot, cx - cos * cx + sin * cy, zero))
+    f = torch.where(is_("translate_y"), v * h, torch.where(rot, cy - sin * cx - cos * cy, zero))
+    coef = torch.stack([cos, b, c, d, cos, f], dim=1)  # [M, 6]
     return _affine(x, coef)
 
 
-def _shear_x(x, v):
-    return _affine(x, _coef(len(v), x.device, b=v))
+def _geometric_op(name: str):
+    def fn(x, v):
+        return _geometric(x, v, torch.full_like(v, OP_INDEX[name], dtype=torch.long))
 
-
-def _shear_y(x, v):
-    return _affine(x, _coef(len(v), x.device, d=v))
-
-
-def _translate_x(x, v):
-    return _affine(x, _coef(len(v), x.device, c=v * x.shape[-1]))
-
-
-def _translate_y(x, v):
-    return _affine(x, _coef(len(v), x.device, f=v * x.shape[-2]))
+    fn.__name__ = f"_{name}"
+    return fn
 
 
 OP_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -283,15 +279,20 @@ OP_FNS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "equalize": _equalize,
     "identity": _identity,
     "posterize": _posterize,
-    "rotate": _rotate,
+    "rotate": _geometric_op("rotate"),
     "sharpness": _sharpness,
-    "shear_x": _shear_x,
-    "shear_y": _shear_y,
+    "shear_x": _geometric_op("shear_x"),
+    "shear_y": _geometric_op("shear_y"),
     "solarize": _solarize,
-    "translate_x": _translate_x,
-    "translate_y": _translate_y,
+    "translate_x": _geometric_op("translate_x"),
+    "translate_y": _geometric_op("translate_y"),
 }
 assert tuple(OP_FNS) == OPS
+
+
+def _ignore_op(fn):
+    """An op of (x, v) as a per-slot function of (x, v, op)."""
+    return lambda x, v, op: fn(x, v)
 
 
 def _ramp(k: torch.Tensor) -> torch.Tensor:
@@ -316,39 +317,49 @@ def _hue(x, v):
 
 # ColorJitter's four ops in TCL_JITTER order; torchvision's PIL path uses ImageEnhance for the first three.
 JITTER_FNS = (_brightness, _contrast, _color, _hue)
+_JITTER_SLOT_FNS = tuple(_ignore_op(fn) for fn in JITTER_FNS) + (None,)  # the last: no jitter
 
 
-def _apply_per_slot(x: torch.Tensor, ops: torch.Tensor, value: torch.Tensor, fns) -> torch.Tensor:
-    """Apply each sample's ops in slot order: x float [N, 3, H, W]; ops int64 [N, K] index into fns (an entry
-    None does nothing); value float [N, K]. Returns a new tensor; x is never written.
+def _apply_per_slot(x: torch.Tensor, ops: torch.Tensor, value: torch.Tensor, fns, kind_of=None) -> torch.Tensor:
+    """Apply each sample's ops in slot order: x float [N, 3, H, W]; ops int64 [N, K]; value float [N, K].
 
-    Per slot the samples are sorted by the op they drew (stable, so deterministic), and each op runs once on the
-    contiguous slice that drew it. The only host sync is one read of the per-slot op counts.
+    kind_of (a list, op -> kind; default the op itself) groups ops that one function runs together; fns[kind] is
+    called as fn(x_slice, value_slice, op_slice), or is None to do nothing. Returns a new tensor; x is never
+    written. Per slot the samples are sorted by kind (stable, so deterministic) and each kind runs once on the
+    contiguous slice that drew it. The only host sync is one read of the per-slot kind counts.
     """
     n, k = ops.shape
-    nops = len(fns)
+    nk = len(fns)
     if n == 0 or k == 0:
         return x.clone()
     dev = x.device
-    counts = torch.bincount((ops + nops * torch.arange(k, device=dev)).flatten(), minlength=k * nops).tolist()
+    kinds = ops if kind_of is None else torch.tensor(kind_of, device=dev)[ops]  # [N, K]
+    counts = torch.bincount((kinds + nk * torch.arange(k, device=dev)).flatten(), minlength=k * nk).tolist()
     perm = torch.arange(n, device=dev)  # cur[i] is sample perm[i]; the batch order is restored once at the end
     cur = x
     for slot in range(k):
-        slot_counts = counts[slot * nops:(slot + 1) * nops]
+        slot_counts = counts[slot * nk:(slot + 1) * nk]
         if not any(c for c, fn in zip(slot_counts, fns) if fn is not None):
             continue
-        order = torch.argsort(ops[perm, slot], stable=True)
+        order = torch.argsort(kinds[perm, slot], stable=True)
         perm, cur = perm[order], cur.index_select(0, order)  # a copy: the caller's tensor is never written
-        v = value[perm, slot]
+        v, o = value[perm, slot], ops[perm, slot]
         start = 0
         for fn, count in zip(fns, slot_counts):
             if count and fn is not None:
                 sl = slice(start, start + count)
-                cur[sl] = fn(cur[sl], v[sl])
+                cur[sl] = fn(cur[sl], v[sl], o[sl])
             start += count
     if cur is x:
         return x.clone()
     return torch.empty_like(cur).index_copy_(0, perm, cur)  # back to batch order
+
+
+# RandAugment's kinds: each colour op alone, the five geometric ops together (one warp per slot), identity none.
+_RA_KINDS = [name for name in OPS if name not in GEOMETRIC_OPS] + ["geometric"]
+_RA_KIND_OF = [_RA_KINDS.index("geometric" if name in GEOMETRIC_OPS else name) for name in OPS]
+_RA_FNS = tuple(None if kind == "identity" else _geometric if kind == "geometric" else _ignore_op(OP_FNS[kind])
+                for kind in _RA_KINDS)
 
 
 def _cutout_box(v: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -615,8 +626,7 @@ class Augment(nn.Module):
 
     def rand_augment(self, x01: torch.Tensor, p: StrongParams) -> torch.Tensor:
         """Per-sample RandAugment ops (no Cutout) on float [N, 3, H, W] in [0, 1]; returns a new tensor."""
-        fns = tuple(None if name == "identity" else OP_FNS[name] for name in OPS)
-        return _apply_per_slot(x01, p.ops.to(x01.device), p.value.to(x01.device), fns)
+        return _apply_per_slot(x01, p.ops.to(x01.device), p.value.to(x01.device), _RA_FNS, _RA_KIND_OF)
 
     @staticmethod
     def apply_cutout(x01: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
@@ -648,7 +658,7 @@ class Augment(nn.Module):
         # Samples without jitter draw the do-nothing op (index 4) in every slot.
         ops = torch.where(p.jitter.to(dev)[:, None], order, torch.full_like(order, len(JITTER_FNS)))  # [N, 4]
         value = p.factor.to(dev).gather(1, order)  # [N, 4]: the factor of the op each slot runs
-        x = _apply_per_slot(x, ops, value, JITTER_FNS + (None,))
+        x = _apply_per_slot(x, ops, value, _JITTER_SLOT_FNS)
         x = torch.where(p.gray.to(dev).view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
         solar = torch.where(_levels(x) < TCL_SOLARIZE, x, 1.0 - x)
         x = torch.where(p.solarize.to(dev).view(-1, 1, 1, 1), solar, x)
