@@ -246,7 +246,7 @@ def _geometric(x: torch.Tensor, v: torch.Tensor, op: torch.Tensor) -> torch.Tens
     translate:   (1, 0, v W, 0, 1, 0) / (1, 0, 0, 0, 1, v H).
     """
     h, w = x.shape[-2:]
-    zero, one = torch.zeros_like(v), torch.ones_like(v)
+    zero = torch.zeros_like(v)
 
     def is_(name: str) -> torch.Tensor:
         return op == OP_INDEX[name]

@@ -16,7 +16,6 @@ from ccl.pipeline.augment import (
     OP_FNS,
     OP_INDEX,
     OPS,
-    PARAMETERLESS_OPS,
     RA_RANGES,
     TCL_JITTER_STRENGTH,
     TCL_P,
@@ -483,15 +482,13 @@ def test_contrastive_applies_tcls_ops_in_each_samples_order():
     p.jitter[:4] = True
     p.gray[:2], p.solarize[2:4] = False, False
     out = denorm(aug.apply_contrastive(x01, p))
-    fns = [lambda t, v: (t * v).clamp(0, 1), None, None, _hue]
+    crop = Augment(MEAN, STD, size, style="imagenet")  # the same resized crop as the imagenet weak view's
+    jitter = [OP_FNS["brightness"], OP_FNS["contrast"], OP_FNS["color"], _hue]  # ColorJitter's b, c, s, h
     for i in range(n):
-        box = p.box[i:i + 1]
-        ref = aug.apply_weak.__func__  # noqa: F841 (the crop itself is the imagenet weak crop, tested above)
-        ref = Augment(MEAN, STD, size, style="imagenet").apply_weak(x01[i:i + 1], WeakParams(flip=p.flip[i:i + 1], box=box))
+        ref = crop.apply_weak(x01[i:i + 1], WeakParams(flip=p.flip[i:i + 1], box=p.box[i:i + 1]))
         if p.jitter[i]:
             for j in p.order[i].tolist():
-                f = p.factor[i:i + 1, j]
-                ref = OP_FNS[("brightness", "contrast", "color")[j]](ref, f) if j < 3 else fns[3](ref, f)
+                ref = jitter[j](ref, p.factor[i:i + 1, j])
         if p.gray[i]:
             g = (19595 * ref[:, 0:1] + 38470 * ref[:, 1:2] + 7471 * ref[:, 2:3]) / 65536
             ref = g.expand_as(ref)
