@@ -6,6 +6,8 @@ of the projection head (DESIGN §5: Linear(d, d) - BN - ReLU - Linear(d, proj_di
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -115,3 +117,17 @@ def auto_arch(dataset: str, image_size: list[int] | None) -> str:
     if dataset in ("animal10n", "webvision"):
         return "resnet50"
     return "resnet18" if image_size and max(image_size) <= 64 else "resnet50"
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module):
+    """Put modules in eval mode for the block and restore each one's own mode afterwards (BatchNorm then uses and
+    keeps its running statistics: a fixed peer, a confidence pass, an evaluation)."""
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)

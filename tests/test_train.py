@@ -12,7 +12,7 @@ import pytest
 from ccl.errors import UserError
 from ccl.train import loop
 from ccl.train.config import TrainConfig
-from ccl.train.loop import NonFiniteLoss, setup, train
+from ccl.train.loop import NonFiniteLoss, make_views, setup, train
 
 
 def small_cfg(data, out, **kw) -> TrainConfig:
@@ -34,15 +34,16 @@ def test_every_parameter_of_both_nets_gets_a_gradient(digits, tmp_path, schedule
     from ccl.pipeline.loader import make_loader
 
     batch = next(iter(make_loader(run.shards, "train", batch_size=32, train=True, device="cpu", num_workers=0)))
-    weak, strongs = run.aug.views(batch.images, 1)
-    for phase in method.phases(epoch=5):
+    views = make_views(run.aug, batch.images, method.views(epoch=5), None)
+    for p in range(method.passes(epoch=5)):
         method.zero_grad()
-        method.step(batch, (weak, strongs), phase, epoch=5)["loss"].backward()
-        for k in phase:
-            missing = [n for n, p in method.nets[k].named_parameters() if p.grad is None or not p.grad.abs().sum()]
+        method(batch, views, 5, p).loss.backward()
+        learning = method.training_nets(5, p)
+        for k in learning:
+            missing = [n for n, q in method.nets[k].named_parameters() if q.grad is None or not q.grad.abs().sum()]
             assert not missing, f"net {k} without gradient: {missing[:5]}"
-        for k in set(range(2)) - set(phase):  # the fixed peer of the alternate schedule stays untouched
-            assert all(p.grad is None for p in method.nets[k].parameters())
+        for k in set(range(2)) - set(learning):  # the fixed peer of the alternate schedule stays untouched
+            assert all(q.grad is None for q in method.nets[k].parameters())
 
 
 def test_ccl_learns_far_above_chance_and_writes_its_run(digits, tmp_path):
@@ -103,16 +104,15 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(digit
     train(cfg, progress=False)
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     before = last.read_bytes()
-    from ccl.train.methods.base import Method
+    from ccl.train.methods.base import Method, Step
 
-    real_step = Method.step
+    real_forward = Method.forward
 
-    def nan_step(self, *a, **k):
-        out = real_step(self, *a, **k)
-        out["loss"] = out["loss"] * float("nan")
-        return out
+    def nan_forward(self, *a, **k):
+        step = real_forward(self, *a, **k)
+        return Step(step.loss * float("nan"), step.logged, step.names)
 
-    monkeypatch.setattr(Method, "step", nan_step)
+    monkeypatch.setattr(Method, "forward", nan_forward)
     with pytest.raises(NonFiniteLoss, match="non-finite loss"):
         train(replace(cfg, epochs=3), resume=True, progress=False)
     assert last.read_bytes() == before
@@ -163,15 +163,16 @@ def test_default_command_builds_the_digits_set_and_trains(tmp_path):
 
 
 def test_ablation_flags_reach_the_loss(digits, tmp_path):
-    cfg = TrainConfig.from_dict({**small_cfg(digits, tmp_path).to_dict(), "ablations": {"no_cml": True}})
+    cfg = TrainConfig.from_dict({**small_cfg(digits, tmp_path).to_dict(), "ccl": {"ablations": "cml"}})
     run = setup(cfg, digits)
     run.method.w.fill_(0.5)
     from ccl.pipeline.loader import make_loader
 
     batch = next(iter(make_loader(run.shards, "train", batch_size=16, train=True, device="cpu", num_workers=0)))
-    out = run.method.step(batch, run.aug.views(batch.images, 1), (0, 1), epoch=5)
-    assert float(out["cml_mean0"]) == 0 and float(out["cml_mean1"]) == 0
-    assert float(out["cvl_mean0"]) > 0  # the other half of Eq. 15 is still there
+    step = run.method(batch, make_views(run.aug, batch.images, ("weak", "strong"), None), 5)
+    out = dict(zip(step.names, step.logged.tolist()))
+    assert out["cml_mean0"] == 0 and out["cml_mean1"] == 0
+    assert out["cvl_mean0"] > 0  # the other half of Eq. 15 is still there
 
 
 def test_table_writes_its_files_and_skips_finished_cells(digits, tmp_path, monkeypatch):

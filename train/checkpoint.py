@@ -1,4 +1,9 @@
-"""Checkpoints: one dict of state_dicts, RNG states and the config, written to a temporary file and renamed."""
+"""Checkpoints: one dict of state_dicts, RNG states and the config, written to a temporary file and renamed.
+
+Everything in a checkpoint is a tensor, a number, a string, or a list, tuple or dict of those, so it loads with
+``torch.load(weights_only=True)``: a checkpoint cannot run code when it is read. (A pickle can; the label files
+and CIFAR's own pickles that tools/shard.py reads are still pickles: load only files you trust.)
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ import torch
 
 from ccl.errors import UserError
 
+FORMAT = 2  # 2: one optimiser over all parameters, RNG states as plain types, weights-only loading
 # Config fields that must match for a checkpoint to continue (or be evaluated as) this run.
 IDENTITY_FIELDS = ("method", "arch", "num_classes", "dataset", "num_train", "schedule")
+REQUIRED = ("format", "method", "optimizer", "scaler", "rng", "epoch", "best", "identity", "config")
 
 
 def atomic_save(obj: dict, path: Path) -> None:
@@ -22,36 +29,56 @@ def atomic_save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
 
 
-def rng_state(generator: torch.Generator | None) -> dict:
+def rng_state(rng) -> dict:
+    """Every RNG a run draws from, as plain types: Python's, numpy's, torch's, CUDA's, and the run's own."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
-    if generator is not None:
-        state["generator"] = generator.get_state()
+    if rng is not None:
+        state["generator"] = rng.device.get_state()
+        state["host"] = rng.host.getstate()
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def set_rng_state(state: dict, rng) -> None:
+    random.setstate(_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None and "generator" in state:
-        generator.set_state(state["generator"])
+    if rng is not None:
+        rng.device.set_state(state["generator"])
+        rng.host.setstate(_tuples(state["host"]))
+
+
+def _tuples(x):
+    """random.setstate wants the nested tuples back (the weights-only loader may hand lists)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def load(path: Path) -> dict:
+    """A checkpoint of this version, read without running code; anything else is one line naming the problem."""
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        # Our own files: they hold numpy RNG state and plain dicts, which the weights-only loader refuses.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, foreign, or a pickle holding objects (which weights_only refuses to run)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: {first}") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a ccl checkpoint (it holds a {type(state).__name__}, not a dict)")
+    missing = [k for k in REQUIRED if k not in state]
+    if missing:
+        raise UserError(f"{path} is not a ccl checkpoint of this version (format {FORMAT}): "
+                        f"missing {', '.join(missing)}")
+    if state["format"] != FORMAT:
+        raise UserError(f"{path} is a checkpoint of format {state['format']}; this version reads format {FORMAT}")
+    return state
 
 
 def check_identity(saved: dict, current: dict, path: Path, fields: tuple[str, ...] = IDENTITY_FIELDS) -> None:
@@ -61,3 +88,16 @@ def check_identity(saved: dict, current: dict, path: Path, fields: tuple[str, ..
             raise UserError(
                 f"checkpoint {path} is from another config: {key} is {saved.get(key)!r} there, {current.get(key)!r} here"
             )
+
+
+def load_method_state(method: torch.nn.Module, state: dict, path: Path, strict: bool = True) -> None:
+    """The method's networks and per-sample buffers; a shape that differs (other data, other model) is one line."""
+    own = method.state_dict()
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise UserError(f"checkpoint {path} does not fit this run: {key} has shape {tuple(value.shape)} there, "
+                            f"{tuple(own[key].shape)} here")
+    try:
+        method.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint {path} does not fit this run: {str(e).splitlines()[0]}") from None

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ccl.errors import UserError
-from ccl.train.config import TrainConfig, load_config_file
+from ccl.train.config import SECTIONS, TrainConfig, apply_overrides, load_config_file
 
 app = typer.Typer(help="ccl: train with noisy labels (CCL, TCL, RoLR, CE) from WebDataset shards.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -24,12 +24,13 @@ _D = TrainConfig()  # the defaults shown in the help text
 
 
 def _fail(msg: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    # One line on stderr, never wrapped: scripts grep it, people read it.
+    typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
 
 
 def _run(fn, *args, **kwargs):
-    """Call into the library; a user's mistake ends in one line, never a traceback."""
+    """Call into the library; a user's mistake ends in one line, never a traceback. A bug of ours keeps its own."""
     from ccl.train.loop import NonFiniteLoss
 
     try:
@@ -42,78 +43,116 @@ def _run(fn, *args, **kwargs):
         _fail("interrupted; the last completed epoch's checkpoint is kept (continue with --resume)", code=130)
 
 
+def _section_help() -> str:
+    lines = []
+    for name, cls in SECTIONS.items():
+        fields = ", ".join(f"{f.name}={_fmt_default(getattr(cls(), f.name))}" for f in dataclasses.fields(cls))
+        lines.append(f"{name}: {fields}")
+    return "; ".join(lines)
+
+
+def _fmt_default(v) -> str:
+    if dataclasses.is_dataclass(v):
+        return "none"
+    return str(v).lower() if isinstance(v, bool) or v is None else str(v)
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Optional[Path] = typer.Option(None, help="Shard directory from tools/shard.py. Default: the built-in "
-                                        "digits set with --noise/--noise-rate, built into ~/.cache/ccl on first use."),
-    method: Optional[str] = typer.Option(None, help=f"ccl, tcl, rolr or ce. [default: {_D.method}]", show_default=False),
-    arch: Optional[str] = typer.Option(None, help="auto, resnet18, resnet50, resnet_small or resnet_tiny; auto "
-                                       "takes the paper's choice for the dataset. [default: auto]", show_default=False),
-    epochs: Optional[int] = typer.Option(None, help=f"Epochs in all, warm-up included. [default: {_D.epochs}]",
+                                        "digits set with --noise/--noise-rate, built into ~/.cache/ccl on first use.",
+                                        show_default=False),
+    method: str = typer.Option(_D.method, help="ccl, tcl, rolr or ce."),
+    arch: str = typer.Option(_D.arch, help="auto, resnet18, resnet50, resnet_small or resnet_tiny; auto takes the "
+                             "paper's choice for the dataset."),
+    epochs: int = typer.Option(_D.epochs, help="Epochs in all, warm-up included."),
+    warmup: Optional[int] = typer.Option(None, help="Warm-up epochs of plain CE. Default: the method's (10 for "
+                                         "ccl and rolr, 20 for tcl).", show_default=False),
+    batch_size: int = typer.Option(_D.batch_size, help="Batch size."),
+    lr: float = typer.Option(_D.lr, help="Adam learning rate."),
+    weight_decay: float = typer.Option(_D.weight_decay, help="Adam weight decay."),
+    cosine: bool = typer.Option(_D.cosine, "--cosine/--no-cosine", help="Cosine lr decay over the run."),
+    schedule: str = typer.Option(_D.schedule, help="Twin schedule: alternate (the paper's: one net trains, the peer "
+                                 "is fixed, then the reverse) or joint."),
+    confidence: str = typer.Option(_D.confidence, help="Label confidence from a full pass over the training set "
+                                   "after each epoch, or inline from the epoch's own steps."),
+    kernel: str = typer.Option(_D.kernel, help="Contrastive kernel: auto, reference, torch or triton."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
+                                             help="A method setting, repeatable, e.g. --set ccl.tau=0.3. "
+                                             f"Sections and defaults: {_section_help()}.", show_default=False),
+    ablate: Optional[str] = typer.Option(None, metavar="PARTS", help="CCL's ablations of Table 7, comma-separated: "
+                                         "mimicry, threshold, refurbished, cvl, cml (e.g. --ablate mimicry,cml).",
                                          show_default=False),
-    warmup: Optional[int] = typer.Option(None, help="Warm-up epochs of plain CE. [default: the method's: 10 for "
-                                         "ccl/rolr, 20 for tcl]", show_default=False),
-    batch_size: Optional[int] = typer.Option(None, help=f"Batch size. [default: {_D.batch_size}]", show_default=False),
-    lr: Optional[float] = typer.Option(None, help=f"Adam learning rate. [default: {_D.lr}]", show_default=False),
-    cosine: Optional[bool] = typer.Option(None, "--cosine/--no-cosine", help="Cosine lr decay over the run.",
-                                          show_default=False),
-    schedule: Optional[str] = typer.Option(None, help="Twin schedule: alternate (the paper's: one net trains, the "
-                                           f"peer is fixed, then the reverse) or joint. [default: {_D.schedule}]",
-                                           show_default=False),
-    confidence: Optional[str] = typer.Option(None, help="Label-confidence losses from a full pass over the training "
-                                             "set after each epoch, or inline from the epoch's own steps. "
-                                             f"[default: {_D.confidence}]", show_default=False),
-    tau: Optional[float] = typer.Option(None, help=f"Contrastive temperature. [default: {_D.tau}]", show_default=False),
-    threshold: Optional[float] = typer.Option(None, help=f"PG confidence threshold c (Eq. 7). [default: {_D.threshold}]",
-                                              show_default=False),
-    kernel: Optional[str] = typer.Option(None, help="Contrastive kernel: auto, reference, torch or triton. "
-                                         "[default: auto]", show_default=False),
-    no_mimicry: bool = typer.Option(False, help="Ablation: without View- and Model-wise Mimicry (Table 7)."),
-    no_threshold: bool = typer.Option(False, help="Ablation: PG without the threshold c."),
-    no_refurbished: bool = typer.Option(False, help="Ablation: CCLRL without refurbished labels."),
-    no_cvl: bool = typer.Option(False, help="Ablation: without Cross-view Learning."),
-    no_cml: bool = typer.Option(False, help="Ablation: without Cross-model Learning."),
     num_classes: Optional[int] = typer.Option(None, help="Expected class count; checked against the manifest.",
                                               show_default=False),
-    noise: Optional[str] = typer.Option(None, help=f"Built-in digits only: sym, pair, asym or instance. "
-                                        f"[default: {_D.noise}]", show_default=False),
-    noise_rate: Optional[float] = typer.Option(None, help=f"Built-in digits only. [default: {_D.noise_rate}]",
-                                               show_default=False),
-    backend: Optional[str] = typer.Option(None, help=f"Loader: torch or dali. [default: {_D.backend}]",
-                                          show_default=False),
-    workers: Optional[int] = typer.Option(None, help=f"Loader workers. [default: {_D.workers}]", show_default=False),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision: bf16 on CPU, fp16 + "
-                                       "GradScaler on CUDA. [default: on]", show_default=False),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the networks.",
-                                           show_default=False),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N. [default: auto]", show_default=False),
-    seed: Optional[int] = typer.Option(None, help="Seed of init, order, augmentation (and digits noise). "
-                                       "[default: 0]", show_default=False),
-    out: Optional[Path] = typer.Option(None, help="Parent of the run directory. [default: runs]", show_default=False),
-    name: Optional[str] = typer.Option(None, help="Run name. [default: DATASET-METHOD-sSEED, numbered if taken]",
+    noise: str = typer.Option(_D.noise, help="Built-in digits only: the noise type (see tools/shard.py --help)."),
+    noise_rate: float = typer.Option(_D.noise_rate, help="Built-in digits only."),
+    backend: str = typer.Option(_D.backend, help="Loader: torch or dali."),
+    workers: int = typer.Option(_D.workers, help="Loader workers."),
+    amp: bool = typer.Option(_D.amp, "--amp/--no-amp", help="Mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA."),
+    compile: bool = typer.Option(_D.compile, "--compile/--no-compile", help="torch.compile the networks."),
+    device: str = typer.Option(_D.device, help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(_D.seed, help="Seed of init, order, augmentation (and the digits noise)."),
+    out: Path = typer.Option(Path(_D.out), help="Parent of the run directory."),
+    name: Optional[str] = typer.Option(None, help="Run name. Default: DATASET-METHOD-sSEED, numbered if taken.",
                                        show_default=False),
-    config: Optional[Path] = typer.Option(None, help="JSON file of options; options given here override it."),
-    resume: bool = typer.Option(False, help="Continue the run from its checkpoints/last.pt."),
-    overwrite: bool = typer.Option(False, help="Start a named run over, discarding its checkpoints."),
-    strict: bool = typer.Option(False, help="A corrupt image is an error instead of skipped and counted."),
-    quiet: bool = typer.Option(False, help="No progress bars."),
+    log_every: int = typer.Option(_D.log_every, help="Steps between reads of the logged losses (one host sync each)."),
+    eval_every: int = typer.Option(_D.eval_every, help="Epochs between test evaluations (and the last epoch)."),
+    recipe: Optional[str] = typer.Option(None, help="A published setting to start from (`ccl recipes` lists them); "
+                                         "options given here override it.", show_default=False),
+    config: Optional[Path] = typer.Option(None, help="JSON file of options (method sections as nested objects); "
+                                          "options given here override it and the recipe.", show_default=False),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its checkpoints/last.pt, with its own options."),
+    allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept options that change the run (lr, seed, "
+                                       "batch size, ...); they are recorded in config.json."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start a named run over, discarding its checkpoints."),
+    strict: bool = typer.Option(_D.strict, "--strict/--no-strict", help="A corrupt image is an error instead of "
+                                "skipped and counted."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ):
-    """Train a model on noisy labels and write runs/NAME (config, metrics.jsonl, checkpoints)."""
+    """Train a model on noisy labels and write runs/NAME (config, metrics.jsonl, checkpoints, summary)."""
     params = dict(locals())
-    explicit = {k: v for k, v in params.items()
-                if k in {f.name for f in dataclasses.fields(TrainConfig)} and v is not None}
-    values = _run(load_config_file, config) if config else {}
-    values |= {k: (str(v) if isinstance(v, Path) else v) for k, v in explicit.items()}
-    flags = {k: True for k in ("no_mimicry", "no_threshold", "no_refurbished", "no_cvl", "no_cml") if params[k]}
-    if flags:
-        values["ablations"] = {**values.get("ablations", {}), **flags}
-    if strict:
-        values["strict"] = True
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    # Only what the user typed overrides a config file or, on --resume, the run's own config.
+    explicit = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()
+                if k in fields and _typed(ctx, k)}
+    values = {}
+    if recipe is not None:
+        from ccl.train import recipes
+
+        values = _merge(_run(recipes.load, recipe)["config"], {"recipe": recipe})
+    if config:
+        values = _merge(values, _run(load_config_file, config))
+    values = _run(apply_overrides, _merge(values, explicit), list(set_ or []))
+    if ablate is not None:
+        values.setdefault("ccl", {})["ablations"] = ablate
+    if resume:
+        from ccl.train.loop import saved_config
+
+        base = _run(saved_config, _run(TrainConfig.from_dict, values))
+        values = _merge(base, values)
     cfg = _run(TrainConfig.from_dict, values)
     from ccl.train.loop import train as run_train
 
-    summary = _run(run_train, cfg, resume=resume, overwrite=overwrite, progress=not quiet)
+    summary = _run(run_train, cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes,
+                   progress=not quiet)
     _print_summary(summary)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """Config values `over` on top of `base`; method sections merge key by key."""
+    out = {**base, **over}
+    for s in SECTIONS:
+        if isinstance(base.get(s), dict) and isinstance(over.get(s), dict):
+            out[s] = {**base[s], **over[s]}
+    return out
+
+
+def _typed(ctx: typer.Context, param: str) -> bool:
+    """Was this option given on the command line (rather than left at its default)?"""
+    source = ctx.get_parameter_source(param)
+    return source is not None and source.name == "COMMANDLINE"
 
 
 def _print_summary(summary: dict) -> None:
@@ -123,7 +162,21 @@ def _print_summary(summary: dict) -> None:
     for k, v in summary.items():
         if k in ("method", "dataset", "arch"):
             continue
-        t.add_row(k, f"{v:.2f}" if isinstance(v, float) else str(v))
+        t.add_row(k, "n/a" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v))
+    console.print(t)
+
+
+@app.command("recipes")
+def recipes_cmd():
+    """List the recipes `ccl train --recipe NAME` takes: each method's published settings, per dataset."""
+    from ccl.train import recipes
+
+    t = Table(title="recipes")
+    for col in ("name", "dataset", "description"):
+        t.add_column(col)
+    for name in recipes.names():
+        r = _run(recipes.load, name)
+        t.add_row(name, r["dataset"], r["description"])
     console.print(t)
 
 
@@ -169,7 +222,10 @@ def table(
     from ccl.train.table import run_table
 
     base = _run(load_config_file, extra) if extra else {}
-    _run(run_table, methods=methods.split(","), noise=noise.split(","), seeds=[int(s) for s in seeds.split(",")],
+    seed_list = [s.strip() for s in seeds.split(",") if s.strip()]
+    if not seed_list or not all(s.lstrip("-").isdigit() for s in seed_list):
+        _fail(f"--seeds takes comma-separated whole numbers, e.g. 0,1,2; got {seeds!r}")
+    _run(run_table, methods=methods.split(","), noise=noise.split(","), seeds=[int(s) for s in seed_list],
          epochs=epochs, warmup=warmup, arch=arch, out=out, data=data, base={"batch_size": batch_size, **base},
          console=console)
 
@@ -211,6 +267,11 @@ def bench_train_cmd(
 
     _run(bench_train, epochs=epochs, json_path=json_out, console=console)
 
+
+# Commands that live beside their engines, each added by its module's register(app).
+from ccl.pipeline.views import register as _register_views  # noqa: E402
+
+_register_views(app)
 
 __all__ = ["app"]
 

@@ -1,20 +1,107 @@
-"""One frozen config for a training run, filled by the CLI (and optionally a JSON config file)."""
+"""One frozen config tree for a training run: the common options, and one typed section per method.
+
+Filled by the CLI (common flags, `--set SECTION.KEY=VALUE`, `--recipe`), or from a JSON config file of the same
+shape (`{"epochs": 50, "ccl": {"tau": 0.3}}`). Unknown keys and values of the wrong type are the user's error,
+named in one line.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ccl.errors import UserError
 from ccl.train.losses import Ablation
 
-METHODS = ("ccl", "ce", "rolr", "tcl")
 SCHEDULES = ("alternate", "joint")
 CONFIDENCE = ("full", "inline")
-BACKENDS = ("torch", "dali")
-KERNELS = ("auto", "reference", "torch", "triton")
+CONFIDENCE_VIEWS = ("strong", "weak")
+
+
+@dataclass(frozen=True)
+class CCLConfig:
+    """CCL (Fan and Li, AAAI 2025). Eq. 15 is w CE + (1 - w)/2 (cvl_weight L_CVL + cml_weight L_CML) +
+    div_weight L_div; the paper's weights are all 1."""
+
+    tau: float = 0.5  # contrastive temperature of ACL, VM, CCLRL and MM
+    threshold: float = 0.95  # c of Eq. 7 (PG)
+    sharpen_t: float | None = None  # sharpen the peer target of the cross-model CE (T of Algorithm 1; Eq. 13 has none)
+    cvl_weight: float = 1.0  # L_CVL = PG + ACL + VM (Eq. 8)
+    cml_weight: float = 1.0  # L_CML = CE(p^s_m, p^w_1-m) + CCLRL + MM (Eq. 13)
+    div_weight: float = 1.0  # L_div (Eq. 14)
+    confidence_view: str = "strong"  # the view whose peer CE feeds the GMM (Eq. 16 uses p^s)
+    ablations: Ablation = field(default_factory=Ablation)  # Table 7
+
+    def validate(self) -> None:
+        _check(self.tau > 0, "ccl.tau must be positive")
+        _check(0 <= self.threshold <= 1, "ccl.threshold must lie in [0, 1]")
+        _check(self.sharpen_t is None or self.sharpen_t > 0, "ccl.sharpen_t must be positive (or none)")
+        _check(self.confidence_view in CONFIDENCE_VIEWS, f"ccl.confidence_view must be {' or '.join(CONFIDENCE_VIEWS)}")
+
+
+@dataclass(frozen=True)
+class RoLRConfig:
+    """RoLR (Chen et al., AAAI 2023) as its code runs it (chenmc1996/Robust-LR `RoLR.py`, the README's command);
+    `variant="paper"` sharpens as the CCL paper's Eq. 1 writes it. The loss is RoLR.py l.130-138:
+    CE(p^s, w y^ + (1 - w) target) + lambda_p KL(uniform || batch-mean p^s)."""
+
+    variant: str = "code"  # "code": target = mean(p^w_m, p^w_peer)^T, normalised (RoLR.py l.125); "paper": ^(1/T)
+    sharpen_t: float | None = None  # T; none = the variant's: 1 for code (README: --T 1, no sharpening), 0.5 paper
+    lambda_p: float = 2.0  # weight of the prior penalty (README: --lambda_p 2; RoLR.py's own default is 1)
+    confidence_view: str = "weak"  # the GMM's per-sample CE: train-transform view in eval mode (RoLR.py l.186-198)
+    loss_history: int = 1  # GMM on the mean of the last k epochs' normalised losses (RoLR.py l.203-205: 5 at r=0.9)
+    passes_per_net: int = 2  # passes over the data per net per epoch (RoLR.py l.86-100: each train() reads it twice)
+    VARIANTS = ("code", "paper")  # a class constant, not an option
+
+    def temperature(self) -> float:
+        """T with the variant's default filled in."""
+        if self.sharpen_t is not None:
+            return self.sharpen_t
+        return 1.0 if self.variant == "code" else 0.5
+
+    def validate(self) -> None:
+        _check(self.variant in self.VARIANTS, f"rolr.variant must be {' or '.join(self.VARIANTS)}")
+        _check(self.sharpen_t is None or self.sharpen_t > 0, "rolr.sharpen_t must be positive (or none)")
+        _check(self.lambda_p >= 0, "rolr.lambda_p must be >= 0")
+        _check(self.confidence_view in CONFIDENCE_VIEWS, f"rolr.confidence_view must be {' or '.join(CONFIDENCE_VIEWS)}")
+        _check(self.loss_history >= 1, "rolr.loss_history must be at least 1")
+        _check(self.passes_per_net >= 1, "rolr.passes_per_net must be at least 1")
+
+
+@dataclass(frozen=True)
+class TCLConfig:
+    """TCL (Huang et al., CVPR 2023) as Hzzone/TCL runs it (models/tcl/tcl.py l.80-84):
+    L = ctr_weight L_ctr + cls_weight (L_cross + L_mix) + ent_weight ent + ne_weight ne + align_weight L_align."""
+
+    temp: float = 0.25  # temperature of InfoNCE and of the cluster posterior (the configs' `temp`)
+    mixup_alpha: float = 1.0  # Beta(alpha, alpha) (the configs' `mixup_alpha`)
+    ctr_weight: float = 1.0  # InfoNCE (unweighted in the code)
+    cls_weight: float = 1.0  # --cls_loss_weight: cross-supervision + the mixed batch's classifier CE
+    ent_weight: float = 1.0  # --ent_loss_weight: mean entropy of each prediction
+    ne_weight: float = 1.0  # --ne_loss_weight: negative entropy of the batch-mean prediction
+    align_weight: float = 1.0  # --align_loss_weight: the mixed batch's cluster posterior against its targets
+    scale1: float | None = None  # multiplies w in the cross-supervision targets; none = the estimated clean fraction
+    scale2: float | None = None  # the same for the mixup targets; 1 and 1 give the paper's targets
+    sep_gmm: bool = False  # one GMM per noisy class (--sep_gmm; the CIFAR-100 90% config sets it)
+    warmup_loss: str = "full"  # "full": the whole loss with w = 1, as the code warms up; "ce": plain CE, weak view
+    proj_dim: int = 256  # projector output (the configs' feat_dim)
+    dropout: float = 0.25  # in the classifier head (tcl_wrapper.py l.32)
+    WARMUP_LOSSES = ("full", "ce")  # a class constant, not an option
+
+    def validate(self) -> None:
+        _check(self.temp > 0, "tcl.temp must be positive")
+        _check(self.mixup_alpha > 0, "tcl.mixup_alpha must be positive")
+        for key in ("scale1", "scale2"):
+            v = getattr(self, key)
+            _check(v is None or 0 <= v <= 1, f"tcl.{key} must lie in [0, 1] (or none)")
+        _check(self.warmup_loss in self.WARMUP_LOSSES, f"tcl.warmup_loss must be {' or '.join(self.WARMUP_LOSSES)}")
+        _check(self.proj_dim >= 1, "tcl.proj_dim must be at least 1")
+        _check(0 <= self.dropout < 1, "tcl.dropout must lie in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -37,45 +124,51 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 1e-3  # Adam, as in the paper
     weight_decay: float = 0.0
-    cosine: bool = False  # cosine lr decay to 0 over the run (per step)
+    cosine: bool = False  # cosine lr decay to 0 over the run (per epoch)
     amp: bool = True  # bf16 autocast on CPU, fp16 + GradScaler on CUDA
     device: str = "auto"
     seed: int = 0
-    # CCL / RoLR
+    # twin methods
     schedule: str = "joint"  # measured: as accurate as the paper's alternate on digits, 1.5x faster epochs
     confidence: str = "full"
-    confidence_view: str = "strong"  # the view whose peer CE feeds the GMM (Eq. 16 uses p^s)
-    tau: float = 0.5  # contrastive temperature
-    sharpen_t: float = 0.5  # Eq. 1
-    threshold: float = 0.95  # c of Eq. 7
     kernel: str = "auto"
-    ablations: Ablation = field(default_factory=Ablation)  # Table 7
-    # TCL
-    tcl_temp: float = 0.25
-    mixup_alpha: float = 1.0
+    # data parallel under torchrun (ccl.train.dist); batch_size is per process
+    dist_backend: str = "auto"  # nccl on CUDA, gloo on CPU
+    sync_bn: bool = False  # BatchNorm statistics over the global batch (CUDA only)
+    gather_negatives: bool = False  # contrastive negatives from every rank's batch (the global batch)
+    # per-method sections
+    ccl: CCLConfig = field(default_factory=CCLConfig)
+    rolr: RoLRConfig = field(default_factory=RoLRConfig)
+    tcl: TCLConfig = field(default_factory=TCLConfig)
     # run
+    recipe: str | None = None  # the recipe the values came from (`ccl recipes`), checked against the data
     out: str = "runs"
     name: str | None = None
     eval_every: int = 1
+    log_every: int = 50  # steps between host reads of the logged losses (and the non-finite check)
 
     def validate(self) -> "TrainConfig":
-        checks = [
-            (self.method in METHODS, f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}"),
-            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; expected one of {', '.join(SCHEDULES)}"),
-            (self.confidence in CONFIDENCE, f"unknown confidence {self.confidence!r}; expected {' or '.join(CONFIDENCE)}"),
-            (self.confidence_view in ("strong", "weak"), "confidence-view must be strong or weak"),
-            (self.backend in BACKENDS, f"unknown backend {self.backend!r}; expected {' or '.join(BACKENDS)}"),
-            (self.kernel in KERNELS, f"unknown kernel {self.kernel!r}; expected one of {', '.join(KERNELS)}"),
-            (self.epochs >= 1, "epochs must be at least 1"),
-            (self.warmup is None or 0 <= self.warmup, "warmup must be >= 0"),
-            (self.batch_size >= 2, "batch size must be at least 2"),
-            (self.lr > 0, "lr must be positive"),
-            (0 <= self.noise_rate < 1, f"noise rate must lie in [0, 1), got {self.noise_rate}"),
-            (self.tau > 0, "tau must be positive"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise UserError(msg)
+        from ccl.pipeline.loader import BACKENDS
+        from ccl.train.losses.contrastive import IMPLS
+        from ccl.train.methods import METHODS
+
+        _check(self.method in METHODS, f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        _check(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}; expected {' or '.join(SCHEDULES)}")
+        _check(self.confidence in CONFIDENCE, f"unknown confidence {self.confidence!r}; expected {' or '.join(CONFIDENCE)}")
+        _check(self.backend in BACKENDS, f"unknown backend {self.backend!r}; expected {' or '.join(BACKENDS)}")
+        _check(self.kernel in IMPLS, f"unknown kernel {self.kernel!r}; expected one of {', '.join(IMPLS)}")
+        _check(self.dist_backend in ("auto", "nccl", "gloo"),
+               f"unknown dist backend {self.dist_backend!r}; expected auto, nccl or gloo")
+        _check(self.epochs >= 1, "epochs must be at least 1")
+        _check(self.warmup is None or 0 <= self.warmup, "warmup must be >= 0")
+        _check(self.batch_size >= 2, "batch size must be at least 2")
+        _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive finite number, got {self.lr}")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight decay must be >= 0")
+        _check(0 <= self.noise_rate < 1, f"noise rate must lie in [0, 1), got {self.noise_rate}")
+        _check(self.workers >= 0, "workers must be >= 0")
+        _check(self.eval_every >= 1 and self.log_every >= 1, "eval_every and log_every must be at least 1")
+        for section in SECTIONS:
+            getattr(self, section).validate()
         return self
 
     def to_dict(self) -> dict:
@@ -83,24 +176,111 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise UserError(f"unknown config keys: {', '.join(unknown)}")
-        d = dict(d)
-        if isinstance(d.get("ablations"), dict):
-            d["ablations"] = Ablation.from_names(k for k, v in d["ablations"].items() if v)
-        return cls(**d)
+        """A config from plain values (a JSON file, config.json): every key known, every value of its type."""
+        return _build(cls, d, "")
+
+
+# The per-method sections of TrainConfig: `--set SECTION.KEY=VALUE` and the JSON file's nested objects.
+SECTIONS = {"ccl": CCLConfig, "rolr": RoLRConfig, "tcl": TCLConfig}
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise UserError(msg)
+
+
+def _build(cls, d, prefix: str):
+    if not isinstance(d, dict):
+        raise UserError(f"config {prefix.rstrip('.') or 'file'} must be an object of options, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise UserError(f"unknown config key{'s' if len(unknown) > 1 else ''}: "
+                        f"{', '.join(prefix + k for k in unknown)} (see `ccl train --help`)")
+    return cls(**{k: _value(hints[k], v, prefix + k) for k, v in d.items()})
+
+
+def _value(tp, v, key: str):
+    """v as type tp, or a one-line error naming the key. Strings are parsed (they come from `--set`)."""
+    if tp is Ablation:
+        if isinstance(v, Ablation):
+            return v
+        if isinstance(v, dict):  # config.json's form: {"no_cml": true, ...}
+            return _build(Ablation, v, key + ".")
+        if isinstance(v, str):  # --set ccl.ablations=mimicry,cml
+            return parse_ablations(v)
+        raise UserError(f"{key} must be a list of ablations such as mimicry,cml; got {v!r}")
+    if dataclasses.is_dataclass(tp):
+        return v if isinstance(v, tp) else _build(tp, v, key + ".")
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        if v is None or (isinstance(v, str) and v.lower() in ("none", "null")):
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+    if tp is bool:
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return v.lower() in ("true", "1", "yes", "on")
+        raise UserError(f"{key} must be true or false, got {v!r}")
+    if tp is int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.strip().lstrip("+-").isdigit():
+            return int(v)
+        raise UserError(f"{key} must be a whole number, got {v!r}")
+    if tp is float:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+        if isinstance(v, str):
+            try:
+                return float(v)
+            except ValueError:
+                pass
+        raise UserError(f"{key} must be a number, got {v!r}")
+    if tp is str:
+        if isinstance(v, str):
+            return v
+        raise UserError(f"{key} must be a string, got {v!r}")
+    raise TypeError(f"config field {key} has a type the parser does not know: {tp}")
+
+
+def parse_ablations(text: str) -> Ablation:
+    """`mimicry,cml` (or `no_mimicry,no_cml`) -> Ablation; empty -> none."""
+    names = [n.strip().replace("-", "_") for n in text.split(",") if n.strip()]
+    return Ablation.from_names(n if n.startswith("no_") else f"no_{n}" for n in names)
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Merge `SECTION.KEY=VALUE` (or `KEY=VALUE`) strings into a nested dict of config values."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"--set takes KEY=VALUE or SECTION.KEY=VALUE, got {item!r}")
+        section, dot, name = key.partition(".")
+        if not dot:
+            out[key] = value
+        elif section in SECTIONS and "." not in name:
+            out.setdefault(section, {})
+            if not isinstance(out[section], dict):
+                out[section] = dataclasses.asdict(out[section])
+            out[section][name] = value
+        else:
+            raise UserError(f"unknown config section in {key!r}; sections are {', '.join(SECTIONS)}")
+    return out
 
 
 def load_config_file(path: str | Path) -> dict:
-    """A JSON file of TrainConfig fields; the CLI's explicit options override it."""
+    """A JSON file of TrainConfig fields (sections as nested objects); the CLI's explicit options override it."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file not found: {p}")
     try:
         d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"config file {p} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
         raise UserError(f"config file {p} must hold a JSON object of options")

@@ -1,5 +1,10 @@
-"""The one training loop: data -> device views -> method step -> optimisers; per epoch confidence, eval, metrics,
-checkpoint. Every method runs through it; a method only supplies its losses (ccl.train.methods)."""
+"""The one training loop, a generic driver: data -> device views -> the method's step -> one optimiser; per epoch
+the method's refresh (GMM, centres), evaluation, metrics and the checkpoint.
+
+It knows nothing of a method's nets or label confidence: a method supplies its step and state through the
+interface in `ccl.train.methods.base`. The step's logged parts stay on the device; the host reads them once per
+`log_every` steps and once at the end of each epoch.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,15 +25,21 @@ import numpy as np
 import torch
 
 from ccl.errors import UserError
-from ccl.model import ARCHS, auto_arch, memory_format
+from ccl.model import ARCHS, auto_arch, eval_mode, memory_format
 from ccl.pipeline.augment import Augment
+from ccl.pipeline.batch import Batch
 from ccl.pipeline.loader import make_loader
 from ccl.pipeline.shards import ShardSet
 from ccl.train import checkpoint as ckpt
-from ccl.train.losses.confidence import detection_metrics
+from ccl.train import dist
 from ccl.train.config import TrainConfig
-from ccl.train.methods import build_method
-from ccl.train.metrics import Accuracy, MetricsLog, summarize
+from ccl.train.methods import Method, Rng, build_method
+from ccl.train.metrics import Accuracy, DeviceMeter, MetricsLog, summarize
+
+# Options a `--resume` may change freely: they do not change what the run computes (or, for epochs, only how long
+# it goes on). Any other change is refused unless asked for (`allow_changes`), and then recorded in config.json.
+FREE_ON_RESUME = ("epochs", "workers", "out", "name", "eval_every", "log_every", "device", "backend", "compile",
+                  "strict", "dist_backend")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -52,9 +65,15 @@ def resolve_data(cfg: TrainConfig) -> Path:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
+    return device
 
 
 def precision(device: torch.device, enabled: bool):
@@ -90,7 +109,8 @@ def git_sha() -> str | None:
 def pick_run_dir(cfg: TrainConfig, dataset: str, resume: bool, overwrite: bool) -> Path:
     """runs/NAME: a fresh numbered name by default; --resume takes the newest run of that name."""
     root = Path(cfg.out)
-    base = cfg.name or f"{dataset}-{cfg.method}-s{cfg.seed}"
+    # The dataset name comes from a manifest, i.e. from data: it must never turn into a path outside --out.
+    base = cfg.name or f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset).strip('.') or 'data'}-{cfg.method}-s{cfg.seed}"
     if cfg.name:
         candidates = [root / base]
     else:
@@ -115,14 +135,15 @@ def pick_run_dir(cfg: TrainConfig, dataset: str, resume: bool, overwrite: bool) 
 
 @dataclass
 class Run:
-    """Everything a run is built from; made once by ``setup`` and used by train() and evaluate()."""
+    """Everything a run is built from; made once by ``setup`` and used by train(), evaluate() and restore()."""
 
     cfg: TrainConfig
     shards: ShardSet
     device: torch.device
-    method: torch.nn.Module
+    method: Method
     aug: Augment
     identity: dict
+    model: torch.nn.Module | None = None  # what a training step calls: the method, or DDP around it (dist.wrap)
 
 
 def setup(cfg: TrainConfig, data_dir: Path) -> Run:
@@ -137,7 +158,8 @@ def setup(cfg: TrainConfig, data_dir: Path) -> Run:
     small = shards.image_size is not None and max(shards.image_size) <= 64
     device = resolve_device(cfg.device)
     num_train = shards.count("train")
-    method = build_method(cfg, shards.num_classes, num_train, arch, small).to(device, memory_format=memory_format(device))
+    method = build_method(cfg, shards.num_classes, num_train, arch, small)
+    method = method.to(device, memory_format=memory_format(device))
     if cfg.compile:
         for net in method.nets:
             net.compile()  # in place: the saved state_dict keeps the uncompiled module's keys
@@ -154,49 +176,140 @@ def _loader(run: Run, split: str, train: bool):
                        device=run.device, num_workers=cfg.workers, seed=cfg.seed, strict=cfg.strict)
 
 
+def make_views(aug: Augment, images: torch.Tensor, names: tuple[str, ...], generator) -> tuple[torch.Tensor, ...]:
+    """The views a step asked for, in its order, from one uint8 batch."""
+    n_strong = names.count("strong")
+    if names[0] == "weak" and set(names) <= {"weak", "strong"}:  # the common case: one uint8 -> float conversion
+        if not n_strong:
+            return (aug.weak(images, generator=generator),)
+        weak, strongs = aug.views(images, n_strong, generator=generator)
+        return (weak, *strongs)
+    makers = {"weak": aug.weak, "strong": aug.strong, "contrastive": getattr(aug, "contrastive", None)}
+    return tuple(makers[n](images, generator=generator) for n in names)
+
+
+def ordered_views(run: Run, loader, view: str, generator) -> Iterator[tuple[Batch, torch.Tensor]]:
+    """The training split in index order as one view: what a method's refresh reads."""
+    make = {"strong": run.aug.strong, "weak": run.aug.weak}.get(view)
+    for batch in loader:
+        yield batch, (make(batch.images, generator=generator) if make else run.aug.eval_view(batch.images))
+
+
 @torch.no_grad()
 def evaluate(run: Run, loader, ctx) -> dict[str, float]:
     """Top-1/top-5 of every head (each net and the ensemble) on a split, against its clean labels when known."""
-    run.method.eval()
     acc = Accuracy()
-    for batch in loader:
-        with ctx:
-            logits = run.method.eval_logits(run.aug.eval(batch.images))
-        target = torch.where(batch.clean >= 0, batch.clean, batch.label)
-        acc.update(logits, target)
-    run.method.train()
-    return acc.result()
+    with eval_mode(run.method):
+        for batch in loader:
+            with ctx:
+                logits = run.method.eval_logits(run.aug.eval_view(batch.images))
+            target = torch.where(batch.clean >= 0, batch.clean, batch.label)
+            acc.update(logits, target)
+    return dist.reduce_accuracy(acc).result()  # each rank read its part of the split
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Train one run; returns its summary. Writes runs/NAME/{config.json, metrics.jsonl, checkpoints/}."""
+def train_epoch(run: Run, opt, scaler, ctx, rng: Rng, loader, epoch: int, bar) -> dict:
+    """One epoch of training steps (one pass per `method.passes`). Returns the epoch's logged means and timings."""
+    cfg, method = run.cfg, run.method
+    model = run.model or method
+    method.train()
+    for group in opt.param_groups:
+        group["lr"] = lr_at(cfg, epoch)
+    meter = DeviceMeter(run.device)
+    names = method.views(epoch)
+    passes = method.passes(epoch)
+    steps = images = 0
+    wait, t0 = 0.0, time.perf_counter()
+    for p in range(passes):
+        loader.set_epoch(epoch * passes + p)  # a fresh order for every pass
+        label = f"epoch {epoch + 1}/{cfg.epochs}" + (f" pass {p + 1}/{passes}" if passes > 1 else "")
+        task = bar.add_task(label, total=len(loader))
+        it = iter(loader)
+        while True:
+            tw = time.perf_counter()
+            batch = next(it, None)
+            wait += time.perf_counter() - tw
+            if batch is None:
+                break
+            views = make_views(run.aug, batch.images, names, rng.device)
+            with ctx:
+                step = model(batch, views, epoch, p, rng)
+            opt.zero_grad(set_to_none=True)  # a net that did not learn this pass keeps grad None: Adam skips it
+            scaler.scale(step.loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            meter.add(step)
+            steps += 1
+            images += batch.images.shape[0]
+            if steps % cfg.log_every == 0:  # the only host read inside the epoch
+                means, bad = dist.read_meter(meter)  # every rank stops together on a non-finite loss
+                _stop_if_bad(bad, epoch, steps)
+                rate = images / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, description=f"{label} loss {means['loss']:.3f} {rate:.0f} img/s")
+            bar.update(task, advance=1)
+        bar.remove_task(task)
+    means, bad = dist.read_meter(meter) if steps else ({}, False)
+    _stop_if_bad(bad, epoch, steps)
+    train_time = time.perf_counter() - t0
+    return {"means": means, "images": images, "train_time": train_time, "wait": wait}
+
+
+def _stop_if_bad(bad: bool, epoch: int, steps: int) -> None:
+    if bad:
+        raise NonFiniteLoss(f"non-finite loss in epoch {epoch + 1}, within its first {steps} steps")
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
+          progress: bool = True) -> dict:
+    """Train one run; returns its summary. Writes runs/NAME/{config.json, metrics.jsonl, checkpoints/, summary.json}.
+
+    ``resume`` continues runs/NAME from checkpoints/last.pt; a change of any option outside `FREE_ON_RESUME` is
+    refused unless ``allow_changes``, and then recorded in config.json.
+    """
     cfg = cfg.validate()
-    data_dir = resolve_data(cfg)
+    dist.init(cfg.dist_backend, cfg.device)  # under torchrun; rank 0 alone then writes the run directory
+    data_dir = dist.local_first(resolve_data, cfg)
     seed_everything(cfg.seed)
     run = setup(cfg, data_dir)
     cfg, method, device = run.cfg, run.method, run.device
-    run_dir = pick_run_dir(cfg, run.identity["dataset"], resume, overwrite)
+    main, progress = dist.is_main(), progress and dist.is_main()
+    if cfg.recipe is not None:
+        from ccl.train import recipes
+
+        recipes.check_dataset(cfg.recipe, recipes.load(cfg.recipe), run.identity["dataset"])
+    run_dir = dist.rank0_call(pick_run_dir, cfg, run.identity["dataset"], resume, overwrite)
     ck_dir = run_dir / "checkpoints"
-    ck_dir.mkdir(parents=True, exist_ok=True)
+    if main:
+        ck_dir.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(run_dir / "metrics.jsonl")
 
     ctx, scaler = precision(device, cfg.amp)
-    opts = [torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for net in method.nets]
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # all augmentation randomness of the run
-    method.generator = gen
+    # One optimiser over every parameter: a net that does not learn in a pass has no gradient and is skipped,
+    # which gives the same updates (weight decay and moments included) as one optimiser per net.
+    opt = torch.optim.Adam(method.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    seed = dist.rank_seed(cfg.seed)  # each rank augments its samples with its own stream; rank 0 with the run's
+    rng = Rng(torch.Generator(device=device).manual_seed(seed), random.Random(seed))
 
     start, best = 0, -1.0
     if resume:
-        state = ckpt.load(ck_dir / "last.pt")
-        ckpt.check_identity(state["identity"], run.identity, ck_dir / "last.pt")
-        method.load_state_dict(state["method"])
-        for opt, s in zip(opts, state["optimizers"]):
-            opt.load_state_dict(s)
+        path = ck_dir / "last.pt"
+        state = dist.rank0_call(ckpt.load, path)  # global per-sample state: any world size resumes it
+        ckpt.check_identity(state["identity"], run.identity, path)
+        changes = _resume_changes(state["config"], cfg, allow_changes)
+        ckpt.load_method_state(method, state["method"], path)
+        opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"], gen)
         start, best = state["epoch"] + 1, state["best"]
-        log.truncate_after(state["epoch"])
-    else:
+        saved_rng = dist.rng_for_rank(state)
+        if saved_rng is not None:
+            ckpt.set_rng_state(saved_rng, rng)
+        else:  # written by another number of processes
+            dist.reseed(rng, cfg.seed, start)
+        if main:
+            log.truncate_after(state["epoch"])
+        if changes and main:
+            _record_changes(run_dir / "config.json", start, changes, cfg)
+    elif main:
         if overwrite and log.path.exists():
             log.path.unlink()
         record = {"config": cfg.to_dict(), "identity": run.identity, "data": str(data_dir), "git_sha": git_sha(),
@@ -205,104 +318,123 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
 
     train_loader = _loader(run, "train", train=True)
     test_loader = _loader(run, "test", train=False)
+    train_in_order = _loader(run, "train", train=False)
     labels, clean = run.shards.labels("train")
     has_clean = bool((clean >= 0).all())
-
-    train_in_order = _loader(run, "train", train=False)
-
-    def train_pass(view: str):
-        """The training split in index order, as the requested view (for the full confidence pass)."""
-        make = {"strong": run.aug.strong, "weak": run.aug.weak}.get(view)
-        for batch in train_in_order:
-            yield batch, (make(batch.images, generator=gen) if make else run.aug.eval(batch.images))
+    run.model = dist.wrap(method, sync_bn=cfg.sync_bn)
 
     bar = _progress(progress)
     with bar:
         for epoch in range(start, cfg.epochs):
-            t0 = time.perf_counter()
-            for opt in opts:
-                for g in opt.param_groups:
-                    g["lr"] = lr_at(cfg, epoch)
-            method.train()
-            sums: dict[str, float] = {}
-            steps = images = 0
-            wait = 0.0
-            phases = method.phases(epoch)
-            n_strong = method.views_needed(epoch)
-            for p, phase in enumerate(phases):
-                train_loader.set_epoch(epoch * len(phases) + p)  # a fresh order for every pass
-                task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs} nets {phase}", total=len(train_loader))
-                it = iter(train_loader)
-                while True:
-                    tw = time.perf_counter()
-                    batch = next(it, None)
-                    wait += time.perf_counter() - tw
-                    if batch is None:
-                        break
-                    weak, strongs = (run.aug.views(batch.images, n_strong, generator=gen) if n_strong
-                                     else (run.aug.weak(batch.images, generator=gen), []))
-                    with ctx:
-                        out = method.step(batch, (weak, strongs), phase, epoch)
-                    loss = out["loss"]
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLoss(
-                            f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {steps + 1}; "
-                            f"the last good checkpoint is kept in {ck_dir}"
-                        )
-                    for k in phase:
-                        opts[k].zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    for k in phase:
-                        scaler.step(opts[k])
-                    scaler.update()
-                    for key, v in out.items():
-                        sums[key] = sums.get(key, 0.0) + float(v.detach())
-                    steps += 1
-                    images += batch.images.shape[0]
-                    rate = images / max(time.perf_counter() - t0, 1e-9)
-                    bar.update(task, advance=1, description=f"epoch {epoch + 1}/{cfg.epochs} nets {phase} "
-                               f"loss {float(loss.detach()):.3f} {rate:.0f} img/s")
-                bar.remove_task(task)
-            train_time = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            dist.clear_owned_(method.sample_loss)  # each rank fills its own samples' losses; merged below
+            try:
+                ep = train_epoch(run, opt, scaler, ctx, rng, train_loader, epoch, bar)
+            except NonFiniteLoss as e:
+                kept = (f"the last good checkpoint is kept in {ck_dir}" if (ck_dir / "last.pt").is_file()
+                        else "no checkpoint was written before it")
+                raise NonFiniteLoss(f"{e}; {kept}") from None
 
+            dist.merge_owned_(method.sample_loss)
+            if not cfg.sync_bn:
+                trained = {k for p in range(method.passes(epoch)) for k in method.training_nets(epoch, p)}
+                dist.average_bn_stats(method.nets, trained)
             est_time = 0.0
-            if method.needs_estimate(epoch):
+            view = method.refresh_view(epoch)
+            if view is not None:
                 te = time.perf_counter()
+                batches = () if view == "inline" else ordered_views(run, train_in_order, view, rng.device)
                 with ctx:
-                    method.estimate(train_pass, inline=cfg.confidence == "inline")
+                    method.refresh(batches)
                 est_time = time.perf_counter() - te
+                dist.assert_same("w", method.w)
             record = {"epoch": epoch, "lr": lr_at(cfg, epoch), "warmup": method.warming_up(epoch)}
-            record |= {f"train_{k}": v / max(steps, 1) for k, v in sums.items()}
+            record |= {f"train_{k}": v for k, v in ep["means"].items()}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 record |= evaluate(run, test_loader, ctx)
-            if bool(method.has_w) and has_clean:
-                for k in range(method.num_nets):
-                    det = detection_metrics(method.w[k].cpu().numpy(), labels, clean)
-                    record |= {f"net{k}_{key}": v for key, v in det.items()}
-            record |= {"images_per_s": images / max(train_time, 1e-9), "data_wait": wait / max(train_time, 1e-9),
-                       "epoch_time": train_time, "estimate_time": est_time, "skipped": train_loader.skipped}
-            log.append(record)
+            if has_clean and main:
+                record |= method.detection(labels, clean)
+            train_time = ep["train_time"]
+            (images,) = dist.sum_numbers(ep["images"])  # all ranks
+            record |= {"images_per_s": images / max(train_time, 1e-9),
+                       "data_wait": ep["wait"] / max(train_time, 1e-9), "epoch_time": train_time,
+                       "estimate_time": est_time, "skipped": train_loader.skipped,
+                       "test_skipped": test_loader.skipped}
+            if device.type == "cuda":
+                record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             top1 = record.get("ens_top1", -1.0)
             improved = top1 > best
             best = max(best, top1)
-            state = {"method": method.state_dict(), "optimizers": [o.state_dict() for o in opts],
-                     "scaler": scaler.state_dict(), "rng": ckpt.rng_state(gen), "epoch": epoch, "best": best,
+            rng_ranks = dist.rng_states(ckpt.rng_state(rng))  # every rank's streams, to resume on as many processes
+            if not main:
+                continue
+            state = {"format": ckpt.FORMAT, "method": method.state_dict(), "optimizer": opt.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": ckpt.rng_state(rng), "epoch": epoch, "best": best,
                      "identity": run.identity, "config": cfg.to_dict()}
-            ckpt.atomic_save(state, ck_dir / "last.pt")
-            if improved:
+            if rng_ranks is not None:
+                state["rng_ranks"] = rng_ranks
+            log.append(record)
+            if improved:  # best first: a kill between the two writes then redoes this epoch and writes both again
                 ckpt.atomic_save(state, ck_dir / "best.pt")
+            ckpt.atomic_save(state, ck_dir / "last.pt")
             if progress:
                 bar.console.print(_epoch_line(record))
-    history = log.read()
+    summary = None
+    if main:
+        summary = _summary(run, run_dir, log.read(), labels, clean, has_clean)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary = dist.broadcast_object(summary)
+    dist.shutdown()
+    return summary
+
+
+def _summary(run: Run, run_dir: Path, history: list[dict], labels, clean, has_clean: bool) -> dict:
+    cfg = run.cfg
     summary = {"run_dir": str(run_dir), "method": cfg.method, "arch": cfg.arch, "dataset": run.identity["dataset"],
                **{f"test_{k}": v for k, v in summarize(history).items()}}
-    if history and "net0_auroc" in history[-1]:
-        summary["auroc"] = float(np.nanmean([history[-1][f"net{k}_auroc"] for k in range(method.num_nets)]))
     if history:
+        aurocs = [v for k, v in history[-1].items() if re.fullmatch(r"net\d+_auroc", k)]
+        finite = [v for v in aurocs if v is not None and math.isfinite(v)]
+        if aurocs:
+            # Undefined (None) when every training label is clean or every one is wrong: nothing to separate.
+            summary["auroc"] = float(np.mean(finite)) if finite else None
         summary["actual_noise_rate"] = float(np.mean(labels != clean)) if has_clean else None
         summary["epoch_time_mean"] = float(np.mean([r["epoch_time"] for r in history]))
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _resume_changes(saved: dict, cfg: TrainConfig, allow: bool) -> dict:
+    """{option: (saved, now)} for every option that changed, other than the free ones; refused unless allowed."""
+    now = cfg.to_dict()
+    changes = {k: (saved.get(k), now[k]) for k in now if k not in FREE_ON_RESUME and saved.get(k) != now[k]}
+    if changes and not allow:
+        first = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(changes.items())[:3])
+        raise UserError(f"--resume would change the run: {first}; pass --allow-changes to continue with them "
+                        "(they are recorded in config.json), or leave them out")
+    return changes
+
+
+def _record_changes(path: Path, epoch: int, changes: dict, cfg: TrainConfig) -> None:
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    record.setdefault("changes", []).append({"from_epoch": epoch, "changed": {k: list(v) for k, v in changes.items()}})
+    record["config"] = cfg.to_dict()
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def saved_config(cfg: TrainConfig) -> dict:
+    """The config a `--resume` continues: that of the run which `cfg` names (its config.json; read by rank 0)."""
+    dist.init(cfg.dist_backend, cfg.device)
+    return dist.rank0_call(_saved_config, cfg)
+
+
+def _saved_config(cfg: TrainConfig) -> dict:
+    data_dir = resolve_data(cfg)
+    run_dir = pick_run_dir(cfg, ShardSet.open(data_dir).manifest["dataset"], resume=True, overwrite=False)
+    try:
+        return json.loads((run_dir / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"cannot read {run_dir / 'config.json'}: the run to resume has no readable config") from None
 
 
 def _progress(enabled: bool):
@@ -331,10 +463,12 @@ def _epoch_line(r: dict) -> str:
     parts = [f"epoch {r['epoch'] + 1}"]
     if "ens_top1" in r:
         parts.append(f"test top1 {r['ens_top1']:.2f}")
-    if "net0_auroc" in r:
+    if "net0_auroc" in r and r["net0_auroc"] == r["net0_auroc"]:
         parts.append(f"AUROC {r['net0_auroc']:.3f}")
     parts.append(f"{r['images_per_s']:.0f} img/s")
     parts.append(f"data-wait {100 * r['data_wait']:.1f}%")
+    if r.get("skipped") or r.get("test_skipped"):
+        parts.append(f"skipped images: {r.get('skipped', 0)} train, {r.get('test_skipped', 0)} test")
     return "  ".join(parts)
 
 
@@ -350,7 +484,12 @@ def restore(checkpoint: Path, data: Path | None = None, device: str = "auto") ->
     run = setup(cfg, resolve_data(cfg))
     # Evaluation needs the same networks, not the same training set or schedule.
     ckpt.check_identity(state["identity"], run.identity, Path(checkpoint), ("method", "arch", "num_classes"))
-    run.method.load_state_dict(state["method"])
+    path = Path(checkpoint)
+    if state["identity"].get("num_train") == run.identity["num_train"]:
+        ckpt.load_method_state(run.method, state["method"], path)
+    else:  # evaluated on other data: the networks, without the training set's per-sample state
+        ckpt.load_method_state(run.method, {k: v for k, v in state["method"].items() if k.startswith("nets.")}, path,
+                               strict=False)
     run.method.eval()
     return run, state
 
@@ -363,3 +502,4 @@ def evaluate_checkpoint(checkpoint: Path, data: Path | None, split: str = "test"
     ctx, _ = precision(run.device, run.cfg.amp)
     result = evaluate(run, _loader(run, split, train=False), ctx)
     return {"checkpoint": str(checkpoint), "epoch": state["epoch"] + 1, "split": split, **result}
+

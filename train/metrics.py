@@ -41,6 +41,42 @@ class Accuracy:
         return out
 
 
+class DeviceMeter:
+    """The logged parts of an epoch's steps, summed on the device; reading them is one device-to-host copy.
+
+    Each step adds its `Step` (loss first, then the method's parts, all detached) and folds ``not isfinite(loss)``
+    into a device flag, so neither logging nor the non-finite check costs a host synchronisation per step.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.sums: dict[tuple[str, ...], torch.Tensor] = {}
+        self.counts: dict[tuple[str, ...], int] = {}
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+
+    def add(self, step) -> None:
+        key = step.names
+        if key in self.sums:
+            self.sums[key].add_(step.logged)
+        else:
+            self.sums[key] = step.logged.clone()
+        self.counts[key] = self.counts.get(key, 0) + 1
+        self.bad |= ~torch.isfinite(step.loss.detach())
+
+    def read(self) -> tuple[dict[str, float], bool]:
+        """(mean of each part over the steps that logged it, whether any step's loss was non-finite): one sync."""
+        keys = list(self.sums)
+        flat = torch.cat([self.sums[k] for k in keys] + [self.bad.float().view(1)]).tolist()
+        totals: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        i = 0
+        for key in keys:
+            for name in key:
+                totals[name] = totals.get(name, 0.0) + flat[i]
+                counts[name] = counts.get(name, 0) + self.counts[key]
+                i += 1
+        return {name: totals[name] / counts[name] for name in totals}, bool(flat[-1])
+
+
 class MetricsLog:
     """metrics.jsonl in the run directory; records are appended and flushed each epoch."""
 

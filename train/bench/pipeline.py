@@ -54,8 +54,9 @@ import numpy as np
 import torch
 
 from ccl.errors import UserError
+from ccl.pipeline.loader import BACKENDS as LOADER_BACKENDS
 
-BACKENDS = ("reference", "torch", "dali")
+BACKENDS = ("reference", *LOADER_BACKENDS)  # reference: a per-sample PIL/torchvision pipeline, as peers load
 MIXUP_ALPHA = 4.0  # DivideMix's CIFAR alpha
 
 

@@ -199,7 +199,8 @@ def cclrl_classes(w, labels: torch.Tensor, probs_w_peer: torch.Tensor, num_class
 def ccl_total(logits_s: torch.Tensor, labels: torch.Tensor, w, probs_w_own: torch.Tensor,
               probs_w_peer: torch.Tensor, acl: torch.Tensor | None, vm: torch.Tensor | None,
               cclrl: torch.Tensor | None, mm: torch.Tensor | None, c: float = 0.95,
-              ablation: Ablation = Ablation(), *, sharpen_T: float | None = None) -> dict[str, torch.Tensor]:
+              ablation: Ablation = Ablation(), *, sharpen_T: float | None = None, cvl_weight: float = 1.0,
+              cml_weight: float = 1.0, div_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """The CCL objective for model m, Eq. 15:
 
         L = mean_i [ w_i CE(p^s_i, y^_i) + (1 - w_i)/2 (L_CVL,i + L_CML,i) ] + L_div
@@ -212,6 +213,7 @@ def ccl_total(logits_s: torch.Tensor, labels: torch.Tensor, w, probs_w_own: torc
     its peer (both detached here); acl, vm, cclrl, mm the per-anchor [N] vectors from `ccl.train.losses.contrastive` for
     model m (a term the ablation drops may be None). c is PG's threshold. sharpen_T, when set, sharpens the peer
     target of the cross-model CE (the paper lists T as a CCL input but Eq. 13 shows no sharpening; off by default).
+    cvl_weight, cml_weight and div_weight scale L_CVL, L_CML and L_div in Eq. 15 (all 1 in the paper).
 
     Returns a dict: `loss` (scalar), `div` (scalar), `per_sample_ce` (CE to the noisy label, detached, for the
     inline GMM), `pg_active` (fraction of samples above c), and for every part -- ce, pg, acl, vm, cclrl, mm,
@@ -243,9 +245,9 @@ def ccl_total(logits_s: torch.Tensor, labels: torch.Tensor, w, probs_w_own: torc
 
     cvl = pg_v + acl_v + vm_v  # [N]
     cml = cml_ce + cclrl_v + mm_v  # [N]
-    per_sample = w * ce_noisy + (1 - w) / 2 * (cvl + cml)  # [N]
+    per_sample = w * ce_noisy + (1 - w) / 2 * (cvl_weight * cvl + cml_weight * cml)  # [N]
     d = div(logits)
-    out = {"loss": per_sample.mean() + d, "div": d, "per_sample_ce": ce_noisy.detach(),
+    out = {"loss": per_sample.mean() + div_weight * d, "div": d, "per_sample_ce": ce_noisy.detach(),
            "pg_active": pg_active.detach()}
     parts = {"ce": ce_noisy, "pg": pg_v, "acl": acl_v, "vm": vm_v, "cclrl": cclrl_v, "mm": mm_v, "cml_ce": cml_ce,
              "cvl": cvl, "cml": cml, "per_sample": per_sample}
@@ -257,6 +259,19 @@ def ccl_total(logits_s: torch.Tensor, labels: torch.Tensor, w, probs_w_own: torc
 
 # ----------------------------------------------------------------------------------------------------------------
 # RoLR (Eqs. 1-2)
+
+
+def rolr_code_pseudo_label(p_w_own: torch.Tensor, p_w_peer: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """RoLR's pseudo-label as its code computes it (chenmc1996/Robust-LR RoLR.py l.122-128): the mean of both nets'
+    weak-view predictions raised to the power T (not 1/T as the CCL paper's Eq. 1 writes), normalised. Detached,
+    [N, C]. The README's command runs T = 1, which leaves the mean as it is: no sharpening.
+
+    Computed as softmax(T log p), which is p^T / sum p^T without underflow for large T (a zero entry stays 0).
+    """
+    if not T > 0:
+        raise ValueError(f"sharpening exponent must be > 0, got {T}")
+    mean = (_f(p_w_own.detach()) + _f(p_w_peer.detach())) / 2  # [N, C]
+    return torch.softmax(T * torch.log(mean), dim=-1).detach()
 
 
 def rolr_total(logits_s: torch.Tensor, labels: torch.Tensor, w, pseudo: torch.Tensor,

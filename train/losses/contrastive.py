@@ -374,7 +374,7 @@ def _block_rows(k: int, n: int) -> int:
 def _resolve_impl(impl: str, a: torch.Tensor, wdtype: torch.dtype, graph: bool) -> str:
     if graph:
         if impl not in ("auto", "reference"):
-            raise UserError(f"a soft positive graph is supported by impl='reference' only, not impl={impl!r}")
+            raise ValueError(f"a soft positive graph is supported by impl='reference' only, not impl={impl!r}")
         return "reference"
     if impl != "auto":
         return impl
@@ -395,27 +395,27 @@ def _triton_importable() -> bool:
 def _check_inputs(a, c, classes, tau, impl) -> bool:
     """Validate shapes, dtypes and options; returns whether `classes` is a soft positive graph."""
     if impl not in IMPLS:
-        raise UserError(f"unknown contrastive impl {impl!r}; expected one of {', '.join(IMPLS)}")
+        raise ValueError(f"unknown contrastive impl {impl!r}; expected one of {', '.join(IMPLS)}")
     if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
-        raise UserError(f"contrastive temperature tau must be a positive number, got {tau!r}")
+        raise ValueError(f"contrastive temperature tau must be a positive number, got {tau!r}")
     if a.dim() != 3 or a.shape != c.shape:
-        raise UserError(f"anchors and contrasts must both be [K, N, D], got {tuple(a.shape)} and {tuple(c.shape)}")
+        raise ValueError(f"anchors and contrasts must both be [K, N, D], got {tuple(a.shape)} and {tuple(c.shape)}")
     if not (a.is_floating_point() and c.is_floating_point()):
-        raise UserError(f"embeddings must be floating point, got {a.dtype} and {c.dtype}")
+        raise ValueError(f"embeddings must be floating point, got {a.dtype} and {c.dtype}")
     k, n, _ = a.shape
     if classes.is_floating_point():
         if tuple(classes.shape) != (k, n, n):
-            raise UserError(f"a soft positive graph must be [K, N, N] = {(k, n, n)}, got {tuple(classes.shape)}")
+            raise ValueError(f"a soft positive graph must be [K, N, N] = {(k, n, n)}, got {tuple(classes.shape)}")
         return True
     if tuple(classes.shape) != (k, n):
-        raise UserError(f"classes must be [K, N] = {(k, n)}, got {tuple(classes.shape)}")
+        raise ValueError(f"classes must be [K, N] = {(k, n)}, got {tuple(classes.shape)}")
     return False
 
 
 def _check_pair(*zs: torch.Tensor) -> None:
     shape = tuple(zs[0].shape)
     if len(shape) != 2 or any(tuple(z.shape) != shape for z in zs):
-        raise UserError(f"embeddings must all be [N, D] of one shape, got {[tuple(z.shape) for z in zs]}")
+        raise ValueError(f"embeddings must all be [N, D] of one shape, got {[tuple(z.shape) for z in zs]}")
 
 
 def _stack_positives(ys: list, like: torch.Tensor) -> torch.Tensor:
@@ -431,7 +431,7 @@ def _stack_positives(ys: list, like: torch.Tensor) -> torch.Tensor:
                 graphs.append(eye)
             elif y.is_floating_point():
                 if tuple(y.shape) != (n, n):
-                    raise UserError(f"a soft positive graph must be [N, N] = {(n, n)}, got {tuple(y.shape)}")
+                    raise ValueError(f"a soft positive graph must be [N, N] = {(n, n)}, got {tuple(y.shape)}")
                 graphs.append(y.to(torch.float32))
             else:
                 graphs.append((y[:, None] == y[None, :]).to(torch.float32))
@@ -439,5 +439,5 @@ def _stack_positives(ys: list, like: torch.Tensor) -> torch.Tensor:
     arange = torch.arange(n, device=like.device)
     for y in ys:
         if y is not None and tuple(y.shape) != (n,):
-            raise UserError(f"refurbished classes must be [N] = ({n},), got {tuple(y.shape)}")
+            raise ValueError(f"refurbished classes must be [N] = ({n},), got {tuple(y.shape)}")
     return torch.stack([arange if y is None else y.to(device=like.device, dtype=torch.int64) for y in ys])  # [K, N]

@@ -1,9 +1,12 @@
-"""Methods: each a small module of its own losses and step, driven by the one loop in ccl.train.loop."""
+"""Methods: each one file, driven by the one loop in ccl.train.loop through the interface in `base`.
+
+METHODS is the one list of method names: the config, the CLI and the recipes take theirs from it.
+"""
 
 from __future__ import annotations
 
 from ccl.errors import UserError
-from ccl.train.methods.base import Method
+from ccl.train.methods.base import Method, Rng, Step
 from ccl.train.methods.ccl import CCL
 from ccl.train.methods.ce import CE
 from ccl.train.methods.rolr import RoLR
@@ -18,4 +21,4 @@ def build_method(cfg, num_classes: int, num_train: int, arch: str, small_input: 
     return METHODS[cfg.method](cfg, num_classes, num_train, arch, small_input)
 
 
-__all__ = ["METHODS", "Method", "build_method"]
+__all__ = ["METHODS", "Method", "Rng", "Step", "build_method"]

@@ -1,33 +1,77 @@
-"""What every method shares: its networks, per-sample state, warm-up, and the interface the loop drives.
+"""The interface between a method and the loop, and what the methods share.
 
-A method owns its networks and its per-sample buffers (registered, so they checkpoint with it), and turns one
-batch into a loss dict. The loop owns everything else: data, views, precision, optimisers, evaluation.
+A method is an ``nn.Module`` that owns its networks, its per-sample state and its whole training step, as DINO's
+and MoCo v3's modules do. The loop (ccl.train.loop) drives any method through these calls alone:
+
+    views(epoch)                  the views one step needs, in order: ("weak",), ("weak", "strong"), ...
+    passes(epoch)                 passes over the training data this epoch (2 for the alternate twin schedule)
+    forward(batch, views, epoch, pass_index, rng) -> Step
+                                  the loss (with its graph) and a vector of logged parts, kept on the device
+    refresh_view(epoch)           after this epoch: None (nothing to refresh), "inline" (from what the steps
+                                  recorded), or the view of a pass over the training set in index order
+    refresh(batches)              refresh the label confidence (GMM) or TCL's centres from (batch, view) pairs
+    eval_logits(x)                logits of each net and of the ensemble
+    detection(noisy, clean)       how well the label confidence finds the clean labels, when they are known
+
+The loop owns data, views, precision, the one optimiser, evaluation, checkpoints and logging; it knows nothing of
+how many nets a method has or what its confidence is. A new method is one file and one registry line.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ccl.model import build_nets
+from ccl.model import build_nets, eval_mode
 from ccl.pipeline.batch import Batch
-from ccl.train import losses
+from ccl.train import dist, losses
 from ccl.train.config import TrainConfig
-from ccl.train.losses.confidence import gmm_confidence
+from ccl.train.losses.confidence import detection_metrics, gmm_confidence
 
-# (batch, weak view, strong views) -> loss dict; the loop passes the views it made on the device.
-Views = tuple[torch.Tensor, list[torch.Tensor]]
-# A pass over the training split in index order: yields (batch, view) with the requested view kind.
-TrainPass = Callable[[str], Iterable[tuple[Batch, torch.Tensor]]]
+
+@dataclass
+class Rng:
+    """The run's randomness inside a step; both checkpoint with the run."""
+
+    device: torch.Generator  # per-sample augmentation draws and permutations, on the training device
+    host: random.Random  # scalar draws (mixup's lambda) that need no device round trip
+
+
+class Step(NamedTuple):
+    """What a method's forward returns: the loss, and its logged parts as one detached vector on the device."""
+
+    loss: torch.Tensor  # scalar, with its graph
+    logged: torch.Tensor  # float32 [K]: the loss, then the method's parts
+    names: tuple[str, ...]  # K names
+
+
+class Parts:
+    """Collects a step's scalar parts for logging (detached, on the device) and makes the `Step`."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.values: list[torch.Tensor] = []
+
+    def add(self, suffix: str = "", **parts: torch.Tensor) -> "Parts":
+        for key, v in parts.items():
+            self.names.append(f"{key}{suffix}")
+            self.values.append(v.detach().float().reshape(()))
+        return self
+
+    def step(self, loss: torch.Tensor) -> Step:
+        return Step(loss, torch.stack([loss.detach().float(), *self.values]), ("loss", *self.names))
 
 
 class Method(nn.Module):
     name = "base"
     num_nets = 1
     default_warmup = 10
-    n_strong = 1  # strong views a training step needs after warm-up
+    train_views: tuple[str, ...] = ("weak", "strong")  # the views a step needs after warm-up
 
     def __init__(self, cfg: TrainConfig, num_classes: int, num_train: int, arch: str, small_input: bool):
         super().__init__()
@@ -39,39 +83,40 @@ class Method(nn.Module):
         self.register_buffer("w", torch.ones(self.num_nets, num_train))  # label confidence per net
         self.register_buffer("sample_loss", torch.zeros(self.num_nets, num_train))  # CE of the noisy label
         self.register_buffer("has_w", torch.zeros((), dtype=torch.bool))
-        self.generator: torch.Generator | None = None  # the run's RNG for draws inside a step (set by the loop)
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def warming_up(self, epoch: int) -> bool:
         return epoch < self.warmup
 
-    def phases(self, epoch: int) -> list[tuple[int, ...]]:
-        """The passes over the training data this epoch, each naming the nets it updates."""
-        return [tuple(range(self.num_nets))]
+    def passes(self, epoch: int) -> int:
+        return 1
 
-    def views_needed(self, epoch: int) -> int:
-        """How many strong views a step needs (0: the weak view alone)."""
-        return 0 if self.warming_up(epoch) else self.n_strong
+    def training_nets(self, epoch: int, pass_index: int) -> tuple[int, ...]:
+        """The nets that learn in this pass; the others stay fixed."""
+        return tuple(range(self.num_nets))
 
-    # -- training ---------------------------------------------------------------------------------------------
-    def step(self, batch: Batch, views: Views, phase: tuple[int, ...], epoch: int) -> dict:
+    def views(self, epoch: int) -> tuple[str, ...]:
+        return ("weak",) if self.warming_up(epoch) else self.train_views
+
+    # -- the step -----------------------------------------------------------------------------------------------
+    def forward(self, batch: Batch, views: tuple[torch.Tensor, ...], epoch: int, pass_index: int = 0,
+                rng: Rng | None = None) -> Step:
         if self.warming_up(epoch):
-            return self.warmup_step(batch, views, phase)
-        return self.train_step(batch, views, phase, epoch)
+            return self.warmup_step(batch, views[0], self.training_nets(epoch, pass_index))
+        return self.train_step(batch, views, epoch, pass_index, rng)
 
-    def warmup_step(self, batch: Batch, views: Views, phase: tuple[int, ...]) -> dict:
-        """Plain CE on the weak view for the nets of this phase (the papers' warm-up)."""
-        weak, _ = views
-        out: dict = {"loss": 0.0}
-        for k in phase:
-            logits, _ = self.nets[k](weak)
-            per_sample = losses.ce(logits.float(), batch.label)  # [N]
+    def warmup_step(self, batch: Batch, weak: torch.Tensor, nets: tuple[int, ...]) -> Step:
+        """Plain CE on the weak view for the given nets (the papers' warm-up)."""
+        parts, loss = Parts(), 0.0
+        for k in nets:
+            per_sample = losses.ce(self.nets[k](weak)[0].float(), batch.label)  # [N]
             self.record_loss(k, batch.index, per_sample)
-            out["loss"] = out["loss"] + per_sample.mean()
-            out[f"ce{k}"] = per_sample.mean().detach()
-        return out
+            loss = loss + per_sample.mean()
+            parts.add(str(k), ce=per_sample.mean())
+        return parts.step(loss)
 
-    def train_step(self, batch: Batch, views: Views, phase: tuple[int, ...], epoch: int) -> dict:
+    def train_step(self, batch: Batch, views: tuple[torch.Tensor, ...], epoch: int, pass_index: int,
+                   rng: Rng | None) -> Step:
         raise NotImplementedError
 
     def record_loss(self, k: int, index: torch.Tensor, per_sample: torch.Tensor) -> None:
@@ -79,29 +124,33 @@ class Method(nn.Module):
         self.sample_loss[k, index] = per_sample.detach().float()
 
     # -- confidence ---------------------------------------------------------------------------------------------
-    def needs_estimate(self, epoch: int) -> bool:
-        """Estimate after an epoch whose successor trains with the method's loss."""
-        return not self.warming_up(epoch + 1)
+    confidence_view = "strong"
+
+    def refresh_view(self, epoch: int) -> str | None:
+        """Refresh after an epoch whose successor trains with the method's loss."""
+        if self.warming_up(epoch + 1):
+            return None
+        return "inline" if self.cfg.confidence == "inline" else self.confidence_view
 
     @torch.no_grad()
-    def estimate(self, train_pass: TrainPass, inline: bool) -> None:
-        """Refresh ``w``: from the losses recorded during the epoch's steps (inline), or from a full pass."""
-        if not inline:
-            self.full_pass_losses(train_pass)
+    def refresh(self, batches: Iterable[tuple[Batch, torch.Tensor]]) -> None:
+        """Refresh ``w``: each net's per-sample CE of the noisy label over ``batches`` in eval mode (none for the
+        inline estimate, which uses the losses the epoch's steps recorded), then the GMM.
+
+        Under torchrun each rank's pass reads its own part of the training set: the losses of the others' samples
+        are zeroed first and summed over ranks after, so every rank fits the GMM on the whole set. (The inline
+        losses were merged by the loop already.)"""
+        full_pass = batches != ()  # the loop hands () for the inline estimate
+        if full_pass:
+            dist.clear_owned_(self.sample_loss)
+        with eval_mode(self.nets):
+            for batch, x in batches:
+                for k, net in enumerate(self.nets):
+                    self.record_loss(k, batch.index, losses.ce(net(x)[0].float(), batch.label))
+        if full_pass:
+            dist.merge_owned_(self.sample_loss)
         self.w.copy_(self.confidence_from_losses(self.sample_loss))
         self.has_w.fill_(True)
-
-    @torch.no_grad()
-    def full_pass_losses(self, train_pass: TrainPass) -> None:
-        """Per-sample CE of the noisy label under each net, on the configured view, in eval mode."""
-        modes = [net.training for net in self.nets]
-        self.nets.eval()
-        for batch, x in train_pass(self.cfg.confidence_view):
-            for k, net in enumerate(self.nets):
-                logits, _ = net(x)
-                self.record_loss(k, batch.index, losses.ce(logits.float(), batch.label))
-        for net, mode in zip(self.nets, modes):
-            net.train(mode)
 
     def confidence_from_losses(self, sample_loss: torch.Tensor) -> torch.Tensor:
         """Eq. 16: each net's confidence comes from its PEER's losses (its own would confirm its own errors)."""
@@ -109,15 +158,21 @@ class Method(nn.Module):
         w = [torch.from_numpy(gmm_confidence(sample_loss[p].cpu().numpy(), seed=self.cfg.seed)) for p in peer]
         return torch.stack(w).to(sample_loss)
 
+    def detection(self, noisy, clean) -> dict[str, float]:
+        """Precision, recall and AUROC of each net's w as a detector of clean labels ({} before the first refresh)."""
+        if not bool(self.has_w):
+            return {}
+        out = {}
+        for k in range(self.num_nets):
+            out |= {f"net{k}_{key}": v for key, v in detection_metrics(self.w[k].cpu().numpy(), noisy, clean).items()}
+        return out
+
     # -- evaluation ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def eval_logits(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per net, and of the ensemble (summed logits) when there are several."""
         out = {f"net{k}": net(x)[0].float() for k, net in enumerate(self.nets)}
-        if self.num_nets > 1:
-            out["ens"] = torch.stack(list(out.values())).sum(0)
-        else:
-            out["ens"] = out["net0"]
+        out["ens"] = torch.stack(list(out.values())).sum(0) if self.num_nets > 1 else out["net0"]
         return out
 
 
@@ -126,15 +181,32 @@ class TwinMethod(Method):
 
     ``alternate``: each epoch trains net 0 with net 1 fixed (eval mode, no gradient), then the reverse, as in
     Algorithm 1 and RoLR's code: two passes over the data. ``joint``: one pass; both nets forward with gradient
-    and each takes its own loss with the peer's outputs detached.
+    and each takes its own loss with the peer's outputs detached. Warm-up trains both nets in one pass.
+    A subclass writes `twin_loss`, which sees the nets that learn this pass and their peers' detached outputs.
     """
 
     num_nets = 2
 
-    def phases(self, epoch: int) -> list[tuple[int, ...]]:
-        if self.warming_up(epoch) or self.cfg.schedule == "joint":
-            return [(0, 1)]
-        return [(0,), (1,)]
+    @property
+    def confidence_view(self) -> str:
+        return getattr(self.cfg, self.name).confidence_view
+
+    def passes(self, epoch: int) -> int:
+        return 2 if self.cfg.schedule == "alternate" and not self.warming_up(epoch) else 1
+
+    def training_nets(self, epoch: int, pass_index: int) -> tuple[int, ...]:
+        return (0, 1) if self.passes(epoch) == 1 else (pass_index,)
+
+    def train_step(self, batch, views, epoch, pass_index, rng) -> Step:
+        weak, strong = views
+        own = {m: self.forward_views(m, weak, strong) for m in self.training_nets(epoch, pass_index)}
+        peer = {m: _detached(own[1 - m]) if 1 - m in own else self.fixed_peer(1 - m, weak) for m in own}
+        return self.twin_loss(batch, own, peer)
+
+    def twin_loss(self, batch: Batch, own: dict[int, dict], peer: dict[int, dict]) -> Step:
+        """The step's loss from ``own[m]`` (outputs with gradient of each net m that learns) and ``peer[m]``
+        (its peer's outputs, detached)."""
+        raise NotImplementedError
 
     def forward_views(self, k: int, weak: torch.Tensor, strong: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward of net k over cat([weak, strong])."""
@@ -143,43 +215,12 @@ class TwinMethod(Method):
         return {"logits_w": logits[:n].float(), "logits_s": logits[n:].float(), "z_w": z[:n], "z_s": z[n:]}
 
     @torch.no_grad()
-    def peer_views(self, k: int, weak: torch.Tensor) -> dict[str, torch.Tensor]:
+    def fixed_peer(self, k: int, weak: torch.Tensor) -> dict[str, torch.Tensor]:
         """The fixed peer's weak-view outputs (alternate schedule): eval mode, no gradient."""
-        net = self.nets[k]
-        mode = net.training
-        net.eval()
-        logits, z = net(weak)
-        net.train(mode)
+        with eval_mode(self.nets[k]):
+            logits, z = self.nets[k](weak)
         return {"logits_w": logits.float(), "z_w": z}
 
-    def train_step(self, batch: Batch, views: Views, phase: tuple[int, ...], epoch: int) -> dict:
-        weak, (strong, *_) = views
-        if len(phase) == 2:
-            outs = [self.forward_views(k, weak, strong) for k in (0, 1)]
-            peers = [{key: v.detach() for key, v in o.items()} for o in outs[::-1]]
-            shared = self.joint_shared(batch, outs, peers)
-            return per_net([self.model_loss(m, batch, outs[m], peers[m], **shared[m]) for m in (0, 1)], (0, 1))
-        (m,) = phase
-        return per_net([self.model_loss(m, batch, self.forward_views(m, weak, strong), self.peer_views(1 - m, weak))],
-                       phase)
 
-    def joint_shared(self, batch: Batch, outs: list[dict], peers: list[dict]) -> list[dict]:
-        """Keyword arguments of ``model_loss`` for each net, computed once for both (joint schedule; none here)."""
-        return [{}, {}]
-
-    def model_loss(self, m: int, batch: Batch, own: dict, peer: dict) -> dict:
-        """Net m's loss dict (``loss`` plus detached parts); records the per-sample CE for the inline estimate."""
-        raise NotImplementedError
-
-    def logged(self, m: int, batch: Batch, parts: dict) -> dict:
-        """Record the inline per-sample CE and keep the scalar parts for logging."""
-        self.record_loss(m, batch.index, parts["per_sample_ce"])
-        return {k: (v if k == "loss" else v.detach()) for k, v in parts.items() if v.dim() == 0}
-
-
-def per_net(results: list[dict], nets: tuple[int, ...]) -> dict:
-    """One step's loss dict from the nets' own: the losses summed, every other part suffixed with its net."""
-    out: dict = {"loss": sum(r["loss"] for r in results)}
-    for m, r in zip(nets, results):
-        out |= {f"{key}{m}": v for key, v in r.items() if key != "loss"}
-    return out
+def _detached(outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: v.detach() for key, v in outputs.items()}

@@ -8,45 +8,41 @@ import torch.nn.functional as F
 from ccl.pipeline.batch import Batch
 from ccl.train import losses
 from ccl.train.losses.contrastive import ccl_contrastive, ccl_contrastive_one
-from ccl.train.methods.base import TwinMethod
+from ccl.train.methods.base import Parts, Step, TwinMethod
+
+# The parts of each net's Eq. 15 that are logged (batch means, and PG's active fraction).
+LOGGED = ("div", "pg_active", "ce_mean", "pg_mean", "acl_mean", "vm_mean", "cclrl_mean", "mm_mean", "cml_ce_mean",
+          "cvl_mean", "cml_mean", "per_sample_mean")
+CONTRASTIVE = ("acl", "vm", "cclrl", "mm")
 
 
 class CCL(TwinMethod):
     name = "ccl"
     default_warmup = 10  # the paper's CIFAR-10 setting (30 for CIFAR-100)
 
-    def _classes(self, m: int, batch: Batch, peer: dict) -> torch.Tensor:
-        """CCLRL positives of net m: argmax of its refurbished labels (Eq. 10), built from the PEER's prediction."""
-        w = self.w[m, batch.index]
-        p_peer = F.softmax(peer["logits_w"], dim=1)
-        return losses.cclrl_classes(w, batch.label, p_peer, self.num_classes, self.cfg.ablations)
-
-    def model_loss(self, m: int, batch: Batch, own: dict, peer: dict, cont: dict | None = None) -> dict:
-        if cont is None:
-            y = self._classes(m, batch, peer)
-            cont = ccl_contrastive_one(
-                own["z_s"], own["z_w"], peer["z_w"], y, tau=self.cfg.tau, impl=self.cfg.kernel
+    def twin_loss(self, batch: Batch, own: dict[int, dict], peer: dict[int, dict]) -> Step:
+        cfg = self.cfg.ccl
+        # CCLRL positives of net m: argmax of its refurbished labels (Eq. 10), built from the PEER's prediction.
+        classes = {m: losses.cclrl_classes(self.w[m, batch.index], batch.label, F.softmax(peer[m]["logits_w"], dim=1),
+                                           self.num_classes, cfg.ablations) for m in own}
+        if len(own) == 2:  # joint: both nets' four similarity matrices (S_00, S_11, S_01, S_10) in one kernel call
+            c = ccl_contrastive(own[0]["z_s"], own[0]["z_w"], own[1]["z_s"], own[1]["z_w"], classes[0], classes[1],
+                                tau=cfg.tau, impl=self.cfg.kernel, detach_peer=True)
+            cont = {m: {key: c[f"{key}{m}"] for key in CONTRASTIVE} for m in own}
+        else:  # alternate: net m against its fixed peer
+            (m,) = own
+            cont = {m: ccl_contrastive_one(own[m]["z_s"], own[m]["z_w"], peer[m]["z_w"], classes[m], tau=cfg.tau,
+                                           impl=self.cfg.kernel)}
+        parts, loss = Parts(), torch.zeros((), device=batch.label.device)
+        for m in own:
+            out = losses.ccl_total(
+                own[m]["logits_s"], batch.label, self.w[m, batch.index],
+                F.softmax(own[m]["logits_w"], dim=1), F.softmax(peer[m]["logits_w"], dim=1),
+                *(cont[m][key] for key in CONTRASTIVE),
+                c=cfg.threshold, ablation=cfg.ablations, sharpen_T=cfg.sharpen_t,
+                cvl_weight=cfg.cvl_weight, cml_weight=cfg.cml_weight, div_weight=cfg.div_weight,
             )
-        parts = losses.ccl_total(
-            own["logits_s"],
-            batch.label,
-            self.w[m, batch.index],
-            F.softmax(own["logits_w"], dim=1).detach(),
-            F.softmax(peer["logits_w"], dim=1),
-            cont["acl"],
-            cont["vm"],
-            cont["cclrl"],
-            cont["mm"],
-            c=self.cfg.threshold,
-            ablation=self.cfg.ablations,
-        )
-        return self.logged(m, batch, parts)
-
-    def joint_shared(self, batch: Batch, outs: list[dict], peers: list[dict]) -> list[dict]:
-        # Both nets' four similarity matrices in one batched kernel call (S_00, S_11, S_01, S_10).
-        y0, y1 = (self._classes(m, batch, peers[m]) for m in (0, 1))
-        c = ccl_contrastive(
-            outs[0]["z_s"], outs[0]["z_w"], outs[1]["z_s"], outs[1]["z_w"], y0, y1,
-            tau=self.cfg.tau, impl=self.cfg.kernel, detach_peer=True,
-        )
-        return [{"cont": {key: c[f"{key}{m}"] for key in ("acl", "vm", "cclrl", "mm")}} for m in (0, 1)]
+            self.record_loss(m, batch.index, out["per_sample_ce"])
+            loss = loss + out["loss"]
+            parts.add(str(m), **{key: out[key] for key in LOGGED})
+        return parts.step(loss)

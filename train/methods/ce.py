@@ -11,7 +11,4 @@ class CE(Method):
     default_warmup = 0
 
     def warming_up(self, epoch: int) -> bool:
-        return True  # CE is the warm-up loss, for the whole run
-
-    def needs_estimate(self, epoch: int) -> bool:
-        return False
+        return True  # CE is the warm-up loss, for the whole run; it never estimates a confidence

@@ -1,74 +1,109 @@
-"""Twin Contrastive Learning (Huang et al., CVPR 2023), as DESIGN §8 reads it from the paper and official code.
+"""Twin Contrastive Learning (Huang et al., CVPR 2023) as its official code runs it (Hzzone/TCL, `models/tcl/`).
 
-One network with a classifier and a projection head. Each epoch past warm-up: class centres from predictions and
-embeddings, the posterior of each sample's noisy label among them, and a 2-component GMM on it give w. Training:
-InfoNCE between two strong views, cross-supervision with entropy regularisation, and mixup alignment.
+One network (`ccl.model.heads.TCLNet`: the backbone with TCL's classifier and 256-d projector heads). Each step
+sees three views of the batch: weak, and two SimCLR-style contrastive views (`Augment.contrastive`; tcl.py
+l.262-263 orders them weak, view 1, view 2). The weak and both contrastive views are mixed (one lam, one
+permutation over the 3N images), and one forward takes cat(weak, mixed, view 1, view 2), 6N images, as
+tcl_wrapper.py l.166-168 does; the loss is `ccl.train.losses.tcl.tcl_total`.
+
+Warm-up (tcl.py l.67, tcl_wrapper.py l.122-126) trains the same loss with every label trusted (w = 1, no scaling);
+`tcl.warmup_loss=ce` is plain CE on the weak view instead. After every epoch, warm-up included (basic_template.py
+l.379 and l.399, `reassign` 1), the network in eval mode embeds the training set on the eval view (its memory
+loader uses the test transform, basic_template.py l.343-344), which gives the class centres, the label confidence
+w (GMM; per noisy class with `sep_gmm`) and the clean fraction mean(w > 0.5), by which an unset scale1/scale2
+multiplies w (tcl.py l.176-180). The centres start as random unit vectors, as the code's buffer does
+(tcl_wrapper.py l.68-69).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 
-from ccl.pipeline.augment import mixup
+from ccl.model import eval_mode
+from ccl.model.heads import build_tcl_nets
+from ccl.pipeline.augment import apply_mixup, draw_mixup
 from ccl.pipeline.batch import Batch
 from ccl.train import losses
-from ccl.train.losses.confidence import tcl_centres, tcl_confidence
-from ccl.train.methods.base import Method, TrainPass, Views
+from ccl.train.losses.confidence import tcl_centres
+from ccl.train.losses.tcl import clean_fraction, tcl_code_confidence, tcl_total
+from ccl.train.methods.base import Method, Parts, Rng, Step
 
 
 class TCL(Method):
     name = "tcl"
     num_nets = 1
-    default_warmup = 20
-    n_strong = 2
+    # The configs' warmup_epochs is 20, and tcl.py l.67 warms up while cur_epoch < 20 with cur_epoch counted from 1:
+    # 19 epochs of warm-up loss. (Its lr also ramps up over the first 20 epochs, basic_template.py l.449-451.)
+    default_warmup = 19
+    train_views = ("weak", "contrastive", "contrastive")
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        proj_dim = self.nets[0].head[-1].out_features
-        self.register_buffer("centres", torch.zeros(self.num_classes, proj_dim))  # [C, D], unit rows
+    def __init__(self, cfg, num_classes: int, num_train: int, arch: str, small_input: bool):
+        super().__init__(cfg, num_classes, num_train, arch, small_input)
+        t = cfg.tcl
+        # TCL's own heads replace the ones `Method` builds (same seeds, so runs stay reproducible).
+        self.nets = build_tcl_nets(arch, num_classes, self.num_nets, small_input, cfg.seed, proj_dim=t.proj_dim,
+                                   dropout=t.dropout)
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.register_buffer("centres", F.normalize(torch.randn(num_classes, t.proj_dim, generator=g), dim=1))
+        # mean(w > 0.5) of the last estimate: a device scalar, so the step multiplies by it without a host read.
+        self.register_buffer("clean_fraction", torch.ones(()))
 
-    def train_step(self, batch: Batch, views: Views, phase: tuple[int, ...], epoch: int) -> dict:
-        weak, (x1, x2) = views
-        n, temp = weak.shape[0], self.cfg.tcl_temp
-        onehot = F.one_hot(batch.label, self.num_classes).float()
-        x_mix, _, lam, perm = mixup(weak, onehot, self.cfg.mixup_alpha, generator=self.generator)
-        logits, z = self.nets[0](torch.cat([x1, x2, x_mix]))  # one forward: [3N, C], [3N, D]
-        logits = logits.float()
-        l1, l2, l_mix = logits[:n], logits[n : 2 * n], logits[2 * n :]
-        z1, z2, z_mix = z[:n], z[n : 2 * n], z[2 * n :]
-        w = self.w[0, batch.index]
+    def views(self, epoch: int) -> tuple[str, ...]:
+        if self.warming_up(epoch) and self.cfg.tcl.warmup_loss == "ce":
+            return ("weak",)
+        return self.train_views
 
-        ctr = losses.infonce(z1, z2, temp)
-        cross = losses.tcl_cross_supervision(l1, l2, w, batch.label)  # [N]
-        reg = losses.tcl_entropy_reg(logits)  # over both strong views and the mixed batch, as the official code
-        # Mixup alignment: the refurbished target of both views, mixed with the images' lambda and pairing.
-        target = losses.tcl_align_target(w, batch.label, F.softmax(l1, dim=1), F.softmax(l2, dim=1))  # [N, C]
-        target_mix = lam * target + (1 - lam) * target[perm]
-        cluster_logits = losses.tcl_cluster_logits(z_mix, self.centres, temp)  # [N, C]
-        align = losses.tcl_mixup_align(l_mix, cluster_logits, target_mix)
+    def forward(self, batch: Batch, views: tuple[torch.Tensor, ...], epoch: int, pass_index: int = 0,
+                rng: Rng | None = None) -> Step:
+        cfg = self.cfg.tcl
+        if self.warming_up(epoch):
+            if cfg.warmup_loss == "ce":
+                return self.warmup_step(batch, views[0], (0,))
+            # The code's warm-up: the whole objective, every label trusted.
+            return self.tcl_step(batch, views, rng, torch.ones_like(self.w[0, batch.index]), 1.0, 1.0)
+        scale1 = self.clean_fraction if cfg.scale1 is None else cfg.scale1
+        scale2 = self.clean_fraction if cfg.scale2 is None else cfg.scale2
+        return self.tcl_step(batch, views, rng, self.w[0, batch.index], scale1, scale2)
 
+    def tcl_step(self, batch: Batch, views: tuple[torch.Tensor, ...], rng: Rng | None, w: torch.Tensor,
+                 scale1, scale2) -> Step:
+        cfg = self.cfg.tcl
+        weak, x1, x2 = views
+        n = weak.shape[0]
+        three = torch.cat([weak, x1, x2])  # [3N, 3, H, W]
+        lam, perm = draw_mixup(3 * n, cfg.mixup_alpha, rng.device if rng else None, rng.host if rng else None,
+                               device=weak.device)
+        # One forward over [weak, mixed, view 1, view 2] (tcl_wrapper.py l.168): BatchNorm sees all 6N images.
+        logits, z = self.nets[0](torch.cat([weak, apply_mixup(three, lam, perm), x1, x2]))  # [6N, C], [6N, D]
+        _, l_mix, l1, l2 = logits.float().split([n, 3 * n, n, n])
+        _, z_mix, z1, z2 = z.split([n, 3 * n, n, n])
+        out = tcl_total(l1, l2, l_mix, z1, z2, z_mix, batch.label, w, self.centres, lam, perm, temp=cfg.temp,
+                        scale1=scale1, scale2=scale2, ctr_weight=cfg.ctr_weight, cls_weight=cfg.cls_weight,
+                        ent_weight=cfg.ent_weight, ne_weight=cfg.ne_weight, align_weight=cfg.align_weight)
         self.record_loss(0, batch.index, losses.ce(l1.detach(), batch.label))
-        loss = ctr + cross.mean() + reg + align
-        return {"loss": loss, "ctr": ctr.detach(), "cross": cross.mean().detach(), "reg": reg.detach(),
-                "align": align.detach()}
+        return Parts().add(**{k: out[k] for k in ("ctr", "cross", "mix_ce", "ent", "ne", "align")}).step(out["loss"])
+
+    # -- the estimate: every epoch, on the eval view ------------------------------------------------------------
+    def refresh_view(self, epoch: int) -> str | None:
+        return "eval"  # TCL's estimate needs every sample's embedding: always a pass (inline does not apply)
 
     @torch.no_grad()
-    def estimate(self, train_pass: TrainPass, inline: bool) -> None:
-        # TCL's estimate needs every sample's embedding, so it always makes a pass (inline does not apply).
-        net = self.nets[0]
-        mode = net.training
-        net.eval()
-        n = self.w.shape[1]
+    def refresh(self, batches: Iterable[tuple[Batch, torch.Tensor]]) -> None:
+        net, n = self.nets[0], self.w.shape[1]
         emb = torch.zeros(n, self.centres.shape[1], device=self.w.device)
         probs = torch.zeros(n, self.num_classes, device=self.w.device)
         labels = torch.zeros(n, dtype=torch.long, device=self.w.device)
-        for batch, x in train_pass("eval"):
-            logits, z = net(x)
-            emb[batch.index], probs[batch.index] = z.float(), F.softmax(logits.float(), dim=1)
-            labels[batch.index] = batch.label
-        net.train(mode)
-        self.centres.copy_(tcl_centres(emb, probs))
-        w = tcl_confidence(emb, probs, labels, self.cfg.tcl_temp, seed=self.cfg.seed)
+        with eval_mode(net):
+            for batch, x in batches:
+                logits, z = net(x)
+                emb[batch.index], probs[batch.index] = z.float(), F.softmax(logits.float(), dim=1)
+                labels[batch.index] = batch.label
+        self.centres.copy_(tcl_centres(emb, probs))  # tcl.py l.194, l.202
+        w = tcl_code_confidence(emb, probs, labels, self.cfg.tcl.temp, per_class=self.cfg.tcl.sep_gmm,
+                                seed=self.cfg.seed)
         self.w[0] = torch.from_numpy(w).to(self.w)
+        self.clean_fraction.fill_(clean_fraction(w))
         self.has_w.fill_(True)
