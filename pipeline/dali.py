@@ -20,18 +20,25 @@ Shuffling: `random_shuffle` draws from a buffer of `initial_fill` samples read i
 wrote samples in no particular class order. Samples grouped by class inside the tars shuffle poorly here;
 the torch backend's global permutation has no such limit.
 
-Corrupt images: DALI's decoder cannot skip a sample. Some damage makes it fail the pipeline (reported here
-as a UserError naming the split and suggesting the torch backend, which skips and counts such images);
-other damage (bytes that are no known image format, or a JPEG whose markers are garbage) crashes the
-process with a segmentation fault in DALI 2.4's CPU decoder. The converter decodes every image when it
-writes the shards and skips (and lists) the bad ones, so damage can only come later, to the tar files;
-`make_loader` therefore checks the shards' sha256 by default for this backend (`checksum=None`), which
-turns any such damage into a UserError before DALI sees a byte. `skipped` stays 0 on this backend.
+Damaged data: DALI's decoder cannot skip a sample. Some damage makes it fail the whole pipeline ("Failed to
+decode sample #5"); other damage (bytes that are no known image format, a JPEG whose markers are garbage)
+crashes the process with a segmentation fault in DALI 2.4's CPU decoder. So DALI is only handed what was
+checked first: `make_loader` scans the split before the first pass (`ShardSet.scan`: the sha256 of every tar
+and index file, both copies of the labels, and the structure of every image), and the damaged samples are
+left out of the index files DALI reads. Those are written, without the damaged samples' lines, to a private
+temporary folder; DALI then never reads those bytes. The samples are reported in `skipped_samples` like the
+torch backend's. What the structure check cannot see (damage inside a JPEG's entropy-coded data) decodes to
+other pixels, as it does with every decoder; the checksums are what catch it. `ccl check --backend dali`
+decodes every image with DALI's own decoder, each shard in a child process, for a pre-flight beyond that.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,7 +64,7 @@ def _import_dali():
 class DaliLoader(Loader):
     """See the module docstring; constructed by `ccl.pipeline.loader.make_loader(..., backend="dali")`.
 
-    `num_workers` sets DALI's thread count; `strict` changes nothing here (DALI never skips an image).
+    `num_workers` sets DALI's thread count; `strict` makes a damaged sample found by the scan a UserError.
     """
 
     def __init__(
@@ -77,26 +84,49 @@ class DaliLoader(Loader):
         initial_fill: int = DEFAULT_INITIAL_FILL,
     ):
         self._dali = _import_dali()
+        scan = shardset.scan(split, verify=True)
         super().__init__(shardset, split, batch_size=batch_size, train=train, device=device, seed=seed, rank=rank,
-                         world_size=world_size, load_size=load_size, strict=strict)
-        # Fixed-size sets hold images of the manifest's size (the converter checks), so resize only on request.
+                         world_size=world_size, load_size=load_size, strict=strict, damaged=scan.damaged)
+        # Fixed-size sets hold images of the manifest's size (the converter writes them so, and the scan leaves out
+        # any of another size), so resize only on request.
         self.resize = self.variable or tuple(shardset.image_size) != self.hw
         self.tars = [str(p) for p in shardset.shards(split)]
-        self.idx_files = [str(p) for p in shardset.index_files(split)]
+        self.idx_files = self._index_files(shardset, split)
         self.initial_fill = max(1, min(int(initial_fill), self.num_samples))
         self.num_threads = max(1, int(num_workers))
         self.gpu = device.type == "cuda"
         self.device_id = None  # DALI's CPU-only mode
         if self.gpu:
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
-        self.skipped = 0
         self.epoch = 0
+
+    def _index_files(self, shardset: ShardSet, split: str) -> list[str]:
+        """The index files DALI reads: the shards' own, or copies without the damaged samples' lines."""
+        files = [str(p) for p in shardset.index_files(split)]
+        if not self.damaged:
+            return files
+        tmp = Path(tempfile.mkdtemp(prefix="ccl-dali-index-"))
+        weakref.finalize(self, shutil.rmtree, tmp, True)  # removed with the loader (or at exit)
+        bad = {d.index for d in self.damaged}
+        out = []
+        for rec, src in zip(shardset.manifest["splits"][split]["shards"], files):
+            lines = Path(src).read_bytes().decode("ascii").split("\n")  # verified by the scan
+            body = [ln for ln in lines[1:] if ln.strip()]
+            kept = [ln for k, ln in enumerate(body) if rec["first_index"] + k not in bad]
+            if not kept:  # DALI refuses an empty index; no sample of this shard is read (see _pipeline)
+                out.append(None)
+                continue
+            dst = tmp / Path(src).name
+            dst.write_text(f"{lines[0].split()[0]} {len(kept)}\n" + "".join(ln + "\n" for ln in kept))
+            out.append(str(dst))
+        return out
 
     def _pipeline(self):
         fn, pipeline_def, types, _, _ = self._dali
         order = np.arange(len(self.tars))
         if self.train:  # the same permutation on every rank: the parts stay disjoint
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.tars))
+        order = [i for i in order if self.idx_files[i] is not None]  # shards left with no readable sample
         paths = [self.tars[i] for i in order]
         index_paths = [self.idx_files[i] for i in order]
         # DALI wants a non-negative 63-bit seed; derive it from (seed, epoch, rank) reproducibly.
@@ -163,6 +193,7 @@ class DaliLoader(Loader):
             ) from None
 
     def __iter__(self) -> Iterator[Batch]:
+        self._begin_pass()
         # The iterator hands out tensors that own their memory (copies, or DLPack views DALI keeps alive), so
         # slices of them stay valid after the next batch is produced.
         for b in rechunk(self._batches(), self.sizes):

@@ -28,20 +28,29 @@ which the per-sample GMM buffers rely on. Random access by index makes the split
 Worker processes do no random draws (augmentation happens on the device), so the batches are a pure
 function of (shards, seed, epoch, rank, world size), whatever the number of workers.
 
-Corrupt images (the converter verifies images, so this means damaged shards): the torch backend skips them
-and counts them in `Loader.skipped`, or raises `UserError` under ``strict=True``. A batch whose every image
-is corrupt is dropped; under DDP that would leave ranks with unequal step counts, which is acceptable only
-because such shards are broken anyway.
+Damaged data (docs: `ccl.pipeline.shards`). Before the first batch, `make_loader` has the split scanned once
+per ShardSet: the sha256 of every tar and index file, index against tar, both copies of every sample's labels,
+and every image's structure. A damaged shard is a UserError then; a damaged sample is left out of the epoch
+plans (so batches stay full and ranks stay equal) and reported every pass in `Loader.skipped_samples` (split,
+index, key, shard, reason) and `Loader.skipped`, or is a UserError under ``strict=True``.
+
+Decoding is isolated (torch backend): each DataLoader worker (or the main process, without workers) hands its
+batches to a child process that decodes into shared memory. If a decoder crashes or hangs on an image, only
+that child dies: the image is skipped and reported, a new child takes the rest of the batch, the epoch goes on.
+The structure check already keeps every image libpng or libjpeg refuses from the decoders, so this is the
+second line, for what it cannot foresee. A batch whose every image failed is dropped (under DDP its rank takes
+one step fewer, acceptable only because such shards are broken anyway).
 """
 
 from __future__ import annotations
 
 import io
 import math
+import mmap
 import os
+import signal
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -49,9 +58,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ccl.errors import UserError
 from ccl.pipeline.batch import Batch
-from ccl.pipeline.shards import IMAGE_EXTS, ShardSet, parse_index
+from ccl.pipeline.shards import Damaged, ShardSet, SplitScan, die_with_parent, image_problem, sample_key
 
 BACKENDS = ("torch", "dali")
+DECODE_STALL_S = 60.0  # a decoder child that makes no progress on one image for this long is killed (a hang)
+START_TIMEOUT_S = 300.0  # a decoder child that has not begun its first image by then is a broken setup
 VARIABLE_LOAD_SIZE = 224  # default load size for sets whose images differ in size (ImageNet-style)
 EVAL_RESIZE_RATIO = 256 / 224  # short side resized to load * ratio before the centre crop (the 256 -> 224 rule)
 
@@ -104,11 +115,17 @@ def epoch_order(n: int, *, train: bool, seed: int, epoch: int) -> np.ndarray:
 
 
 def plan_epoch(
-    n: int, *, batch_size: int, train: bool, seed: int, epoch: int, rank: int, world_size: int
+    n: int, *, batch_size: int, train: bool, seed: int, epoch: int, rank: int, world_size: int,
+    keep: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """The index batches rank `rank` reads in `epoch` (the same number of batches on every rank)."""
+    """The index batches rank `rank` reads in `epoch` (the same number of batches on every rank).
+
+    `keep`: the sample indices to read (n of them), when damaged samples are left out; default 0..n-1.
+    """
     lo, hi = rank_range(n, rank, world_size)
     mine = epoch_order(n, train=train, seed=seed, epoch=epoch)[lo:hi]
+    if keep is not None:
+        mine = keep[mine]
     sizes = batch_sizes(hi - lo, steps_per_epoch(n, batch_size, world_size), batch_size)
     return np.split(mine, np.cumsum(sizes)[:-1])
 
@@ -151,35 +168,18 @@ def cat_batches(bs: Sequence[Batch]) -> Batch:
 
 
 class ShardIndex:
-    """Per-sample location (shard, byte offset, byte size) and labels of one split, in index order."""
+    """Per-sample location (shard, byte offset, byte size) and labels of one split, in index order, from the
+    split's scan (`ShardSet.scan`, which checks the data first: see the module docstring)."""
 
-    def __init__(self, shardset: ShardSet, split: str):
-        tars = [Path(p) for p in shardset.shards(split)]
-        idx_files = [Path(p) for p in shardset.index_files(split)]
-        n = shardset.count(split)
-        shard = np.empty(n, np.int32)
-        offset = np.empty(n, np.int64)
-        size = np.empty(n, np.int64)
-        pos = 0
-        for s, (tar, idx) in enumerate(zip(tars, idx_files)):
-            # Samples are stored in index order across consecutive shards (ShardSet.labels checks the
-            # stored indices against that order), so sample k of this shard has index pos + k.
-            for comps in parse_index(idx):
-                image = [comps[e] for e in IMAGE_EXTS if e in comps]
-                if not image:
-                    raise UserError(f"{tar}: sample {pos} has no {' or '.join(IMAGE_EXTS)} component")
-                if pos >= n:
-                    raise UserError(f"split '{split}': the shards hold more samples than the manifest's {n}")
-                shard[pos] = s
-                offset[pos], size[pos] = image[0]
-                pos += 1
-        if pos != n:
-            raise UserError(f"split '{split}': the shards hold {pos} samples, the manifest says {n}")
-        label, clean = shardset.labels(split)
-        self.paths = [str(t) for t in tars]
-        self.shard, self.offset, self.size = shard, offset, size
-        self.label = np.asarray(label, dtype=np.int64)
-        self.clean = np.asarray(clean, dtype=np.int64)
+    def __init__(self, shardset: ShardSet, split: str, verify: bool = True):
+        scan: SplitScan = shardset.scan(split, verify=verify)
+        self.paths = [str(t) for t in shardset.shards(split)]
+        self.shard, self.offset, self.size = scan.shard, scan.offset, scan.size
+        self.label, self.clean = scan.label, scan.clean
+        self.damaged: list[Damaged] = scan.damaged
+        self.verified = scan.verified  # images already structure-checked: the readers need not do it again
+        bad = np.fromiter((d.index for d in scan.damaged), dtype=np.int64, count=len(scan.damaged))
+        self.keep = np.setdiff1d(np.arange(len(self.shard), dtype=np.int64), bad)  # the samples an epoch reads
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -250,61 +250,240 @@ def decode_to(data: bytes, hw: tuple[int, int], variable: bool, decode=None) -> 
 DECODE_ERRORS = (RuntimeError, OSError, ValueError)
 
 
+def _decode_items(items, paths, hw, variable, validate, out: torch.Tensor, start: int, progress=None,
+                  fds: dict | None = None, decode=None) -> list[tuple[int, str]]:
+    """Read and decode items[start:] = (shard, offset, size) into out[j] ([N, 3, H, W] uint8); returns the
+    (position, reason) of the images that failed. `progress` (8 shared bytes), if given, holds the position
+    being decoded, so that whoever watches this process knows which image it died on."""
+    fds = {} if fds is None else fds
+    decode = decode or _decoder()
+    failed = []
+    with warnings.catch_warnings():
+        # torchvision 0.29 warns on every decode call that its decoders are deprecated; once is plenty.
+        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+        for j in range(start, len(items)):
+            if progress is not None:
+                progress[:8] = j.to_bytes(8, "little", signed=True)
+            s, off, size = items[j]
+            try:
+                fd = fds.get(s)
+                if fd is None:
+                    fd = fds[s] = os.open(paths[s], os.O_RDONLY)
+                data = os.pread(fd, size, off)
+                if len(data) != size:
+                    raise OSError(f"read {len(data)} of {size} bytes (the shard shrank?)")
+                why = image_problem(data) if validate else None
+                if why is not None:
+                    failed.append((j, why))
+                    continue
+                out[j] = decode_to(data, hw, variable, decode)
+            except DECODE_ERRORS as e:
+                failed.append((j, f"{type(e).__name__}: {e}"))
+    return failed
+
+
+def _child_main(conn, paths, hw, variable, validate, buf, progress, parent: int) -> None:
+    """The decoder child: serves (start, items) requests until told to stop or its parent dies."""
+    die_with_parent(parent)
+    # A DataLoader worker's fatal-signal handlers print "Unexpected segmentation fault encountered in worker":
+    # here a crash is expected and handled by the parent, so the child just dies.
+    for sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL):
+        signal.signal(sig, signal.SIG_DFL)
+    torch.set_num_threads(1)  # one image at a time; and a forked intra-op pool is not safe to use
+    # Through numpy: a tensor made by torch.frombuffer over an mmap copies about 100x slower.
+    view = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
+    fds: dict[int, int] = {}
+    decode = _decoder()
+    h, w = hw
+    while True:
+        try:
+            req = conn.recv()
+        except (EOFError, OSError):
+            return
+        if req is None:
+            return
+        start, items = req
+        out = view[: len(items) * 3 * h * w].view(len(items), 3, h, w)
+        conn.send(("done", _decode_items(items, paths, hw, variable, validate, out, start, progress, fds, decode)))
+
+
+class IsolatedDecoder:
+    """Decodes batches in a forked child process, into shared memory. A crash (or a hang) costs the image it
+    happened on, never the caller: the child is replaced and the rest of the batch goes on.
+
+    Forked with os.fork, not multiprocessing: DataLoader workers are daemonic, and multiprocessing refuses
+    children of daemons. The child gets SIGKILL when its parent dies (die_with_parent)."""
+
+    def __init__(self, paths: list[str], hw: tuple[int, int], variable: bool, validate: bool, max_batch: int):
+        self.paths, self.hw, self.variable, self.validate = paths, hw, variable, validate
+        self.max_batch = max_batch
+        self.buf = mmap.mmap(-1, max_batch * 3 * hw[0] * hw[1])  # anonymous and MAP_SHARED: the child sees it
+        self.progress = mmap.mmap(-1, 8)
+        self.pid: int | None = None
+        self.conn = None
+        self.restarts = 0
+
+    def _start(self) -> None:
+        import multiprocessing.connection as mpc
+
+        # Import what decoding needs here, once: every child forked after that starts in milliseconds.
+        _decoder()
+        from torchvision.transforms.v2 import functional  # noqa: F401
+
+        ours, theirs = mpc.Pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the caller's code
+            code = 0
+            try:
+                ours.close()
+                _child_main(theirs, self.paths, self.hw, self.variable, self.validate, self.buf, self.progress, parent)
+            except BaseException:  # a bug of ours, not a bad image: the parent raises it with this traceback
+                import traceback
+
+                code = 1
+                try:
+                    theirs.send(("error", traceback.format_exc()))
+                except BaseException:
+                    pass
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid, self.conn = pid, ours
+
+    def _stop(self, kill: bool) -> str:
+        """End the child; returns how it ended ("SIGSEGV", "exit 1", ...)."""
+        how = "killed"
+        if self.pid is not None:
+            if kill:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+                how = signal.Signals(-code).name if code < 0 else f"exit {code}"
+            except (ChildProcessError, ValueError):
+                pass
+            self.conn.close()
+        self.pid, self.conn = None, None
+        return how
+
+    def _progress(self) -> int:
+        return int.from_bytes(self.progress[:8], "little", signed=True)
+
+    def decode(self, items: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+        """uint8 [N, 3, H, W] for items = (shard, offset, size), and the (position, reason) of failures."""
+        n = len(items)
+        if n > self.max_batch:
+            raise ValueError(f"batch of {n} exceeds the decoder's buffer of {self.max_batch}")
+        failed: list[tuple[int, str]] = []
+        start, idle_deaths = 0, 0
+        while start < n:
+            if self.pid is None:
+                self._start()
+            self.progress[:8] = (-1).to_bytes(8, "little", signed=True)
+            try:
+                self.conn.send((start, items))
+                last, since = -1, 0.0
+                while not self.conn.poll(1.0):
+                    pos = self._progress()
+                    since = 0.0 if pos != last else since + 1.0
+                    last = pos
+                    if pos < start:  # not started yet (a new child imports its decoders first)
+                        if since >= START_TIMEOUT_S:
+                            self._stop(kill=True)
+                            raise RuntimeError(f"the decoder process did not start in {START_TIMEOUT_S:.0f} s")
+                    elif since >= DECODE_STALL_S:
+                        failed.append((pos, f"the decoder hung (no progress in {DECODE_STALL_S:.0f} s); skipped"))
+                        self._stop(kill=True)
+                        start = pos + 1
+                        break
+                else:
+                    kind, payload = self.conn.recv()
+                    if kind == "error":
+                        self._stop(kill=True)
+                        raise RuntimeError(f"the decoder process failed:\n{payload}")
+                    failed += payload
+                    break
+            except (EOFError, OSError):  # the child died: on the image it was decoding, or before any
+                pos = self._progress()
+                how = self._stop(kill=True)
+                self.restarts += 1
+                if pos < start:
+                    idle_deaths += 1
+                    if idle_deaths > 2:
+                        raise RuntimeError(f"the decoder process keeps dying before decoding anything ({how})")
+                    continue
+                failed.append((pos, f"the decoder crashed ({how}) on this image; skipped"))
+                start = pos + 1
+        h, w = self.hw
+        images = torch.from_numpy(np.frombuffer(self.buf, dtype=np.uint8, count=n * 3 * h * w).copy()).view(n, 3, h, w)
+        return images, sorted(failed)
+
+    def close(self) -> None:
+        if self.pid is not None:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self._stop(kill=True)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class _BatchReader(Dataset):
     """Reads and decodes a whole batch per call (the sampler yields index arrays), in a DataLoader worker.
 
-    Returns (batch, skipped, first_error) so the main process can count skips and raise a clean UserError
-    under strict, instead of a worker traceback.
+    Returns (batch, failures) with failures a list of (index, reason), so the main process can report skips
+    and raise a clean UserError under strict, instead of a worker traceback.
     """
 
-    def __init__(self, index: ShardIndex, hw: tuple[int, int], variable: bool, split: str):
+    def __init__(self, index: ShardIndex, hw: tuple[int, int], variable: bool, split: str, max_batch: int,
+                 isolate: bool = True):
         self.index, self.hw, self.variable, self.split = index, hw, variable, split
-        self._fds: dict[int, int] = {}
+        self.max_batch, self.isolate = max_batch, isolate
+        self.validate = not index.verified  # unverified bytes are checked image by image, as they are read
         self._pid = -1
-        self._decode = None  # chosen in the worker (a lambda does not pickle)
+        self._fds: dict[int, int] = {}
+        self._decoder: IsolatedDecoder | None = None  # made in the process that reads (after the fork)
 
-    def _fd(self, shard: int) -> int:
-        if self._pid != os.getpid():  # descriptors are opened per process, after the fork
-            self._fds, self._pid = {}, os.getpid()
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.index.paths[shard], os.O_RDONLY)
-        return fd
+    def _ready(self) -> None:
+        if self._pid != os.getpid():
+            self._fds, self._decoder, self._pid = {}, None, os.getpid()
+            if self.isolate:
+                self._decoder = IsolatedDecoder(self.index.paths, self.hw, self.variable, self.validate,
+                                                self.max_batch)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, ids: np.ndarray) -> tuple[Batch, int, str | None]:
+    def __getitem__(self, ids: np.ndarray) -> tuple[Batch, list[tuple[int, str]]]:
         ix = self.index
-        if self._decode is None:
-            self._decode = _decoder()
-        images = torch.empty((len(ids), 3, *self.hw), dtype=torch.uint8)  # [N, 3, H, W]
-        keep = []
-        error = None
-        with warnings.catch_warnings():
-            # torchvision 0.29 warns on every decode call that its decoders are deprecated; once is plenty.
-            warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
-            for j, i in enumerate(ids):
-                s = int(ix.shard[i])
-                data = os.pread(self._fd(s), int(ix.size[i]), int(ix.offset[i]))
-                try:
-                    images[j] = decode_to(data, self.hw, self.variable, self._decode)
-                except DECODE_ERRORS as e:
-                    error = error or f"corrupt image: split '{self.split}' index {int(i)} in {ix.paths[s]}: {e}"
-                    continue
-                keep.append(j)
-        ids = torch.as_tensor(np.asarray(ids, dtype=np.int64))  # [N]
-        skipped = len(ids) - len(keep)
-        if skipped:
-            sel = torch.as_tensor(keep, dtype=torch.long)
-            images, ids = images[sel], ids[sel]
+        self._ready()
+        ids = np.asarray(ids, dtype=np.int64)  # [N]
+        items = [(int(ix.shard[i]), int(ix.offset[i]), int(ix.size[i])) for i in ids]
+        if self._decoder is not None:
+            images, failed = self._decoder.decode(items)  # [N, 3, H, W]
+        else:
+            images = torch.empty((len(ids), 3, *self.hw), dtype=torch.uint8)
+            failed = _decode_items(items, ix.paths, self.hw, self.variable, self.validate, images, 0, fds=self._fds)
+        failures = [(int(ids[j]), why) for j, why in failed]
+        if failed:
+            keep = np.setdiff1d(np.arange(len(ids)), [j for j, _ in failed])
+            images, ids = images[torch.from_numpy(keep)], ids[keep]
         batch = Batch(
             images=images,
-            index=ids,
-            label=torch.from_numpy(ix.label[ids.numpy()]),
-            clean=torch.from_numpy(ix.clean[ids.numpy()]),
+            index=torch.from_numpy(ids),
+            label=torch.from_numpy(ix.label[ids]),
+            clean=torch.from_numpy(ix.clean[ids]),
         )
-        return batch, skipped, error
+        return batch, failures
 
     def __del__(self):
         for fd in getattr(self, "_fds", {}).values():
@@ -319,8 +498,9 @@ class _EpochBatches(Sampler):
     effect with persistent workers too. (It holds the plan's parameters, not the loader: a reference cycle
     through the DataLoader makes its persistent workers shut down by timeout, 5 s each.)"""
 
-    def __init__(self, n: int, *, batch_size: int, train: bool, seed: int, rank: int, world_size: int):
-        self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
+    def __init__(self, keep: np.ndarray, *, batch_size: int, train: bool, seed: int, rank: int, world_size: int):
+        self.keep, self.n = keep, len(keep)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
@@ -333,6 +513,7 @@ class _EpochBatches(Sampler):
             epoch=self.epoch,
             rank=self.rank,
             world_size=self.world_size,
+            keep=self.keep,
         )
 
     def __iter__(self):
@@ -353,8 +534,11 @@ def _identity(x):
 class Loader:
     """Iterable over `Batch`es already on `device`; one pass is one epoch of this rank's share of a split.
 
-    Attributes: `num_samples` (samples this rank reads per epoch), `skipped` (undecodable images so far),
-    `steps` (== len(loader), the same on every rank), `epoch` (set by `set_epoch`).
+    Attributes: `num_samples` (samples this rank reads per epoch), `steps` (== len(loader), the same on every
+    rank), `epoch` (set by `set_epoch`), and, for the latest pass (reset when a pass starts):
+    `skipped_samples`, a list of `ccl.pipeline.shards.Damaged` (split, index, key, shard, reason) records: the
+    split's damaged samples found before the first pass (every rank lists them) plus the images this rank
+    could not decode; `skipped`, their number.
     """
 
     num_samples: int
@@ -375,12 +559,23 @@ class Loader:
         world_size: int,
         load_size,
         strict: bool,
+        damaged: list[Damaged],
     ):
         """What both backends share: the options, the decode size, and this rank's share of the epoch."""
         self.split, self.train, self.batch_size, self.device = split, train, batch_size, device
         self.seed, self.rank, self.world_size, self.strict = seed, rank, world_size, strict
         self.hw, self.variable = resolve_load_size(shardset.image_size, load_size)
-        n = shardset.count(split)
+        if strict and damaged:
+            d = damaged[0]
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            raise UserError(f"damaged sample: split '{split}' index {d.index} in {d.shard}: {d.reason}{more} "
+                            "(run without --strict to skip damaged samples)")
+        self.damaged = list(damaged)  # found before the first pass: left out of every epoch
+        self.skipped_samples: list[Damaged] = list(self.damaged)
+        self.skipped = len(self.skipped_samples)
+        n = shardset.count(split) - len(self.damaged)
+        if n < world_size:
+            raise UserError(f"split '{split}' has {n} readable samples, fewer than {world_size} ranks")
         lo, hi = rank_range(n, rank, world_size)
         self.num_samples = hi - lo
         self.steps = steps_per_epoch(n, batch_size, world_size)
@@ -393,6 +588,17 @@ class Loader:
     def set_epoch(self, epoch: int) -> None:
         """Reseed the shuffle: the order of a training epoch is a function of (seed, epoch) only."""
         self.epoch = int(epoch)
+
+    def _begin_pass(self) -> None:
+        self.skipped_samples = list(self.damaged)
+        self.skipped = len(self.skipped_samples)
+
+    def _skip(self, record: Damaged) -> None:
+        if self.strict:
+            raise UserError(f"corrupt image: split '{record.split}' index {record.index} in {record.shard}: "
+                            f"{record.reason} (run without --strict to skip corrupt images)")
+        self.skipped_samples.append(record)
+        self.skipped += 1
 
     def __iter__(self) -> Iterator[Batch]:
         raise NotImplementedError
@@ -415,20 +621,20 @@ class TorchLoader(Loader):
         world_size: int,
         load_size,
         strict: bool,
+        verify: bool = True,
+        isolate: bool = True,
     ):
+        self.index = ShardIndex(shardset, split, verify=verify)
         super().__init__(shardset, split, batch_size=batch_size, train=train, device=device, seed=seed, rank=rank,
-                         world_size=world_size, load_size=load_size, strict=strict)
-        self.index = ShardIndex(shardset, split)
-        n = len(self.index)
-        self.skipped = 0
-        self.skip_reasons: list[str] = []  # the first few, for the epoch report
+                         world_size=world_size, load_size=load_size, strict=strict, damaged=self.index.damaged)
         self.epoch = 0
+        self._shard_names = [os.path.basename(p) for p in self.index.paths]
         workers = max(0, int(num_workers))
         self._sampler = _EpochBatches(
-            n, batch_size=batch_size, train=train, seed=seed, rank=rank, world_size=world_size
+            self.index.keep, batch_size=batch_size, train=train, seed=seed, rank=rank, world_size=world_size
         )
         self._dl = DataLoader(
-            _BatchReader(self.index, self.hw, self.variable, split),
+            _BatchReader(self.index, self.hw, self.variable, split, max_batch=batch_size, isolate=isolate),
             batch_size=None,  # the sampler yields whole index batches; the reader builds the Batch
             sampler=self._sampler,
             collate_fn=_identity,
@@ -447,39 +653,13 @@ class TorchLoader(Loader):
         return self._sampler.plan()
 
     def __iter__(self) -> Iterator[Batch]:
-        for batch, skipped, error in self._dl:
-            if error is not None:
-                if self.strict:
-                    raise UserError(f"{error} (run without --strict to skip corrupt images)")
-                self.skipped += skipped
-                if len(self.skip_reasons) < 10:
-                    self.skip_reasons.append(error)
+        self._begin_pass()
+        for batch, failures in self._dl:
+            for i, why in failures:
+                self._skip(Damaged(self.split, i, sample_key(i), self._shard_names[int(self.index.shard[i])], why))
             if len(batch) == 0:
                 continue
             yield batch.to(self.device, non_blocking=True)
-
-
-def check_shards(shardset: ShardSet, split: str, checksum: bool) -> None:
-    """Fail before training starts when a listed shard is missing or damaged.
-
-    Always: every tar and index file listed in the manifest exists, and each tar has the manifest's byte size
-    (a truncated or partly copied shard). With `checksum`, also each tar's sha256 (`ShardSet.verify`), which
-    reads every byte: seconds for CIFAR-sized sets, minutes for ImageNet-sized ones, hence opt-in.
-    """
-    for rec in shardset.manifest["splits"][split]["shards"]:
-        for name in (rec["file"], rec["index"]):
-            if not (Path(shardset.root) / name).is_file():
-                raise UserError(
-                    f"{shardset.root}: shard file {name} of split '{split}' is missing (listed in the manifest)"
-                )
-        got = (Path(shardset.root) / rec["file"]).stat().st_size
-        if "bytes" in rec and got != int(rec["bytes"]):
-            raise UserError(
-                f"{Path(shardset.root) / rec['file']}: {got} bytes, the manifest says {rec['bytes']} "
-                "(truncated or replaced; reconvert or recopy the shards)"
-            )
-    if checksum:
-        shardset.verify(split)
 
 
 def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -516,18 +696,20 @@ def make_loader(
 ) -> Loader:
     """A loader over `split` of a `ccl.pipeline.shards.ShardSet`.
 
-    train=True: a new permutation every epoch (call `set_epoch`); every sample exactly once per epoch, on
-    exactly one rank; all ranks take `len(loader)` steps. train=False: index order, no randomness; with
+    train=True: a new permutation every epoch (call `set_epoch`); every readable sample exactly once per epoch,
+    on exactly one rank; all ranks take `len(loader)` steps. train=False: index order, no randomness; with
     several ranks an eval split is split too, in contiguous index ranges (all-gather the results, or pass
     world_size=1 to read the whole split on every rank). Rank and world size come from torch.distributed
     when it is initialised (the arguments, if given, must agree), else from the arguments.
     Images are decoded to uint8 [3, H, W] at `load_size` (default: the manifest's image size, or 224 with a
-    256-short-side resize and centre crop when the set's sizes vary). `strict`: a corrupt image raises
-    UserError instead of being skipped and counted in `loader.skipped`.
-    The shards are checked before anything is read (`check_shards`): a missing shard or a size mismatch,
-    and with `checksum` a sha256 mismatch, is a UserError here rather than a failure mid-epoch.
-    `checksum=None` means: on for ``dali`` (its decoder can crash the process on a damaged image, so damage
-    must be caught before it reaches the decoder), off for ``torch`` (which skips and counts corrupt images).
+    256-short-side resize and centre crop when the set's sizes vary).
+
+    Before anything is read the split is scanned (`ShardSet.scan`, once per ShardSet): a missing, truncated or
+    changed shard or index file is a UserError here rather than a failure mid-epoch; damaged samples are left
+    out and reported in `loader.skipped_samples` (`strict`: a UserError instead). The scan reads every byte
+    (seconds for CIFAR, about a minute for WebVision on fast disks). `checksum=False` (default True) skips it
+    for the torch backend, which then checks each image's structure as it reads it; the dali backend always
+    scans, since its decoder cannot skip an image and some damage crashes it.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -536,7 +718,10 @@ def make_loader(
     splits = shardset.manifest.get("splits", {})
     if split not in splits:
         raise UserError(f"{shardset.root}: no split '{split}' (the shards have: {', '.join(splits)})")
-    check_shards(shardset, split, checksum=(backend == "dali") if checksum is None else bool(checksum))
+    verify = True if checksum is None else bool(checksum)
+    if backend == "dali" and not verify:
+        raise UserError("the dali backend needs the checksum scan (its decoder cannot skip a damaged image); "
+                        "use the torch backend to train without it")
     rank, world_size = resolve_rank(rank, world_size)
     if shardset.count(split) < world_size:
         raise UserError(f"split '{split}' has {shardset.count(split)} samples, fewer than {world_size} ranks")
@@ -555,4 +740,4 @@ def make_loader(
         from ccl.pipeline.dali import DaliLoader  # imported lazily: DALI is optional and slow to import
 
         return DaliLoader(shardset, split, **kwargs)
-    return TorchLoader(shardset, split, **kwargs)
+    return TorchLoader(shardset, split, verify=verify, **kwargs)

@@ -1,5 +1,6 @@
 """Loaders: batch structure, exact epochs (workers, ranks), ordering, the DALI backend, and bad input."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from ccl.errors import UserError
 from ccl.pipeline.batch import Batch
 from ccl.pipeline.convert import ConvertOptions, convert
 from ccl.pipeline.loader import batch_sizes, make_loader, plan_epoch, rechunk, steps_per_epoch
-from ccl.pipeline.shards import ShardSet, parse_index
+from ccl.pipeline.shards import ShardSet, parse_index, sha256_file
 
 try:  # the dali backend is optional (Linux x86_64 wheels only)
     import nvidia.dali  # noqa: F401
@@ -202,8 +203,9 @@ def test_dali_two_ranks_and_reseed(ss):
 # Bad input
 
 
-def _corrupt_copy(digits: Path, dest: Path, index: int) -> ShardSet:
-    """A copy of the set with one image's bytes zeroed in place (same tar size, so only sha256 notices)."""
+def _corrupt_copy(digits: Path, dest: Path, index: int, resign: bool = False) -> ShardSet:
+    """A copy of the set with one image's bytes zeroed in place (same tar size, so only sha256 notices).
+    resign: the manifest's checksums updated to match, as if the image had been bad since conversion."""
     shutil.copytree(digits, dest)
     bad = ShardSet.open(dest)
     tar, idx = bad.shards("train")[0], bad.index_files("train")[0]
@@ -211,21 +213,49 @@ def _corrupt_copy(digits: Path, dest: Path, index: int) -> ShardSet:
     with open(tar, "r+b") as f:
         f.seek(offset)
         f.write(b"\0" * size)
-    return bad
+    if resign:
+        m = json.loads((dest / "manifest.json").read_text())
+        m["splits"]["train"]["shards"][0]["sha256"] = sha256_file(tar)
+        (dest / "manifest.json").write_text(json.dumps(m))
+    return ShardSet.open(dest)
 
 
-def test_corrupt_image_skipped_counted_or_strict(digits, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_changed_shard_is_refused_before_reading(digits, tmp_path, backend):
+    if backend == "dali" and not HAVE_DALI:
+        pytest.skip("NVIDIA DALI is not installed")
     bad = _corrupt_copy(digits, tmp_path / "bad", index=5)
-    loader = make_loader(bad, "train", batch_size=128, train=True, device="cpu", num_workers=2)
-    got = indices(one_epoch(loader))
-    assert 5 not in got and sorted(got) == [i for i in range(bad.count("train")) if i != 5]
-    assert loader.skipped == 1 and "index 5" in loader.skip_reasons[0]
-    strict = make_loader(bad, "train", batch_size=128, train=True, device="cpu", num_workers=0, strict=True)
-    with pytest.raises(UserError, match="corrupt image"):
-        one_epoch(strict)
-    # The damage changed the tar's sha256: the dali backend (whose decoder cannot skip) refuses up front.
     with pytest.raises(UserError, match="sha256"):
-        make_loader(bad, "train", backend="dali", batch_size=128, train=True, device="cpu")
+        make_loader(bad, "train", backend=backend, batch_size=128, train=True, device="cpu", num_workers=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_corrupt_image_skipped_named_or_strict(digits, tmp_path, backend):
+    if backend == "dali" and not HAVE_DALI:
+        pytest.skip("NVIDIA DALI is not installed")
+    bad = _corrupt_copy(digits, tmp_path / "bad", index=5, resign=True)
+    n = bad.count("train")
+    loader = make_loader(bad, "train", backend=backend, batch_size=128, train=True, device="cpu", num_workers=2)
+    for epoch in range(2):  # reported again every pass, and only once per pass
+        got = indices(one_epoch(loader, epoch))
+        assert 5 not in got and sorted(got) == [i for i in range(n) if i != 5]
+        assert loader.skipped == 1 and [(r.split, r.index, r.key, r.shard) for r in loader.skipped_samples] == [
+            ("train", 5, "000000005", "train-000000.tar")]
+        assert "neither PNG nor JPEG" in loader.skipped_samples[0].reason
+    assert len(loader) == steps_per_epoch(n - 1, 128, 1) and len(got) == n - 1
+    with pytest.raises(UserError, match="index 5 in train-000000.tar"):
+        make_loader(bad, "train", backend=backend, batch_size=128, train=True, device="cpu", strict=True)
+
+
+def test_unverified_reads_check_each_image(digits, tmp_path):
+    """checksum=False skips the scan; the torch reader then checks each image before its decoder sees it."""
+    bad = _corrupt_copy(digits, tmp_path / "bad", index=5)
+    loader = make_loader(bad, "train", batch_size=128, train=False, device="cpu", num_workers=0, checksum=False)
+    got = indices(one_epoch(loader))
+    assert got == [i for i in range(bad.count("train")) if i != 5]
+    assert [r.index for r in loader.skipped_samples] == [5] and "neither PNG nor JPEG" in loader.skipped_samples[0].reason
+    with pytest.raises(UserError, match="dali backend needs the checksum scan"):
+        make_loader(bad, "train", backend="dali", batch_size=128, train=True, device="cpu", checksum=False)
 
 
 @pytest.mark.parametrize("backend", ["torch", "dali"])
@@ -245,7 +275,7 @@ def test_missing_truncated_or_mismatched_shard(digits, tmp_path, backend):
     flipped[len(data) // 2] ^= 0xFF  # same size, different bytes: caught by sha256
     tars[1].write_bytes(bytes(flipped))
     with pytest.raises(UserError, match="sha256"):
-        make_loader(ShardSet.open(root), "train", checksum=True, **kw)
+        make_loader(ShardSet.open(root), "train", **kw)
     tars[1].unlink()
     with pytest.raises(UserError, match="missing"):
         make_loader(ShardSet.open(root), "train", **kw)

@@ -6,6 +6,7 @@ Also: byte-identical reruns, corrupt inputs, interruption and overwrite rules, D
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -553,3 +554,246 @@ def test_cli_one_line_errors_and_success(tmp_path):
                         capture_output=True, text=True)  # fmt: skip
     assert ok.returncode == 0, ok.stderr
     assert "images/s" in ok.stdout and ShardSet.open(tmp_path / "o").count("test") == 360
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Untrusted input: the manifest schema, index files, image structure, CIFAR pickles
+
+
+def _edit_manifest(root: Path, edit) -> None:
+    m = json.loads((root / "manifest.json").read_text())
+    edit(m)
+    (root / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.fixture
+def small_set(tmp_path) -> Path:
+    out = tmp_path / "set"
+    convert("digits", None, out, opts(shard_size=500), log=quiet)
+    return out
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(dataset="../escaped"), r"dataset: '\.\./escaped' is not a plain name"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(file="/etc/passwd"), r"'/etc/passwd' is not a plain"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(index="../x.idx"), r"'\.\./x\.idx' is not a plain"),
+    (lambda m: m["splits"]["train"]["shards"][1].pop("file"), r"shards\[1\]\.file: field required"),
+    (lambda m: m.update(num_classes="10"), r"num_classes: Input should be a valid integer, got '10'"),
+    (lambda m: m["splits"]["test"].update(count="360"), r"splits\.test\.count: Input should be a valid integer"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(count=5), r"first_index is 500, expected 5"),
+    (lambda m: m.update(std=[0.0, 0.3, 0.3]), r"std\[0\]: Input should be greater than 0"),
+    (lambda m: m.update(mean=[0.5, float("nan"), 7]), r"mean\[1\]: Input should be a finite number"),
+    (lambda m: m.update(image_size=[0, 32]), r"image_size\[0\]: Input should be greater than or equal to 1"),
+    (lambda m: m.update(image_size=[32, 10**6]), r"image_size\[1\]: Input should be less than or equal to 65535"),
+    (lambda m: m.update(classes=m["classes"][:9]), r"classes: 9 names, but num_classes is 10"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(sha256="abc"), r"sha256: 'abc' is not a sha256"),
+    (lambda m: m.update(format_version=2), r"format_version: Input should be 1"),
+])  # fmt: skip
+def test_manifest_schema_refuses_with_one_line(small_set, edit, message):
+    _edit_manifest(small_set, edit)
+    with pytest.raises(UserError, match=message) as e:
+        ShardSet.open(small_set)
+    assert "\n" not in str(e.value)
+
+
+def test_manifest_problems_are_all_listed(small_set):
+    from ccl.pipeline import manifest as schema
+
+    def edit(m):
+        m.update(dataset="a/b", num_classes="10", std=[0, 0.1, 0.1], extra=1)
+        del m["splits"]["train"]["shards"][0]["file"]
+
+    _edit_manifest(small_set, edit)
+    found = schema.problems(json.loads((small_set / "manifest.json").read_text()))
+    assert len(found) == 5 and all("\n" not in p for p in found)
+    with pytest.raises(UserError, match=r"\(and 4 more: `ccl check .*` lists them\)"):
+        ShardSet.open(small_set)
+
+
+def test_num_classes_smaller_than_the_labels(small_set):
+    _edit_manifest(small_set, lambda m: m.update(num_classes=8, classes=m["classes"][:8]))
+    with pytest.raises(UserError, match=r"label \d \(clean \d\), outside 0\.\.7: num_classes .* is wrong"):
+        ShardSet.open(small_set).labels("train")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"v1.2 1\npng abc 10 000000000.png\n", "offset and size must be non-negative integers"),
+    (b"v1.2 1\npng -512 10 000000000.png\n", "offset and size must be non-negative integers"),
+    (b"v1.2 1\npng 1000 10 000000000.png\n", "not where a tar member's data can start"),
+    (b"v1.2 1\npng 512 99999999 000000000.png\n", "lies past the end of the tar"),
+    (b"\x89\xff\xfe binary \x00\x01", "binary content"),
+    (b"hello\n", "not a webdataset index file"),
+    (b"v1.2 2\npng 512 10 000000000.png\n", "header says 2 samples, found 1"),
+    (b"v1.2 1\npng 512 10\n", "expected 'component offset size name' groups"),
+])  # fmt: skip
+def test_bad_index_files_are_one_line_errors(small_set, content, message):
+    idx = small_set / "train-000000.idx"
+    idx.write_bytes(content)
+    _edit_manifest(small_set, lambda m: m["splits"]["train"]["shards"][0].update(
+        index_sha256=hashlib.sha256(content).hexdigest()))
+    for verify in (True, False):
+        with pytest.raises(UserError, match=message) as e:
+            ShardSet.open(small_set).scan("train", verify=verify)
+        assert "\n" not in str(e.value)
+
+
+def test_index_checksums_written_and_old_manifests_still_load(small_set):
+    m = json.loads((small_set / "manifest.json").read_text())
+    for rec in m["splits"]["train"]["shards"]:
+        assert rec["index_sha256"] == hashlib.sha256((small_set / rec["index"]).read_bytes()).hexdigest()
+    _edit_manifest(small_set, lambda m: [r.pop("index_sha256") for s in m["splits"].values() for r in s["shards"]])
+    ss = ShardSet.open(small_set)
+    assert ss.verify("train") == [] and ss.count("train") == 1437  # checked against the tar instead
+
+
+def test_absolute_shard_path_is_never_touched(small_set, monkeypatch):
+    _edit_manifest(small_set, lambda m: m["splits"]["train"]["shards"][0].update(file="/etc/passwd"))
+    touched = []
+    real_stat = Path.stat
+
+    def stat(self, *a, **k):
+        touched.append(str(self))
+        return real_stat(self, *a, **k)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(UserError, match="not a plain"):
+        ShardSet.open(small_set)
+    assert not [p for p in touched if "passwd" in p]
+
+
+def _png(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _interlaced_png(w: int, h: int) -> bytes:
+    """An Adam7-interlaced 8-bit grey PNG (PIL writes none), built by hand."""
+    import zlib
+
+    raw = b""
+    for x0, y0, dx, dy in ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+                           (0, 1, 1, 2)):  # fmt: skip
+        pw, ph = (w - x0 + dx - 1) // dx, (h - y0 + dy - 1) // dy
+        if pw > 0 and ph > 0:
+            raw += (b"\x00" + bytes(range(pw))) * ph
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    ihdr = w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 0, 0, 0, 1])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding:DeprecationWarning")
+def test_image_structure_check_accepts_what_the_decoders_read():
+    import torchvision.io as tio
+
+    from ccl.pipeline.shards import image_problem
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)
+    rgb = Image.fromarray(arr)
+    good = [_png(rgb.convert(mode)) for mode in ("RGB", "L", "RGBA", "P", "1", "LA", "I;16")]
+    interlaced = _interlaced_png(13, 11)
+    good.append(interlaced)
+    for kw in ({}, {"progressive": True}, {"optimize": True}, {"subsampling": 0}, {"quality": 20},
+               {"progressive": True, "optimize": True, "quality": 100}, {"exif": b"Exif\x00\x00" + bytes(20)}):
+        for mode in ("RGB", "L", "CMYK"):
+            buf = io.BytesIO()
+            rgb.convert(mode).save(buf, "JPEG", **kw)
+            good.append(buf.getvalue())
+    for data in good:
+        assert image_problem(data) is None, data[:4]
+        assert np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).size  # PIL agrees
+    assert tio.decode_image(torch.frombuffer(bytearray(interlaced), dtype=torch.uint8)).shape[1:] == (11, 13)
+    assert image_problem(good[0], (37, 53)) is None
+    assert "53x37 pixels, but the set's images are 32x32" in image_problem(good[0], (32, 32))
+
+
+def test_image_structure_check_refuses_what_crashes_or_confuses_decoders():
+    from ccl.pipeline.shards import image_problem
+
+    png = _png(Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8)))
+    jpg = jpeg_bytes(3)
+    idat = png.index(b"IDAT")
+    cases = {
+        "garbage markers": (b"\xff\xd8\xff\xe0 not a jpeg" * 20, "bad length"),
+        "not an image": (b"hello", "neither PNG nor JPEG"),
+        "empty": (b"", "neither PNG nor JPEG (starts empty)"),
+        "IDAT CRC": (png[: idat + 10] + bytes([png[idat + 10] ^ 1]) + png[idat + 11 :], "CRC mismatch in chunk IDAT"),
+        "truncated PNG": (png[:-20], "truncated"),
+        "truncated JPEG": (jpg[:400], "truncated"),
+        "unknown JPEG marker": (jpg[:2] + b"\xff\x99\x00\x04ab" + jpg[2:], "unsupported marker 0xFF99"),
+        "arithmetic coding": (jpg.replace(b"\xff\xc0", b"\xff\xc9", 1), "unsupported coding"),
+    }
+    for name, (data, message) in cases.items():
+        why = image_problem(data)
+        assert why is not None and message in why, (name, why)
+    # A fixed CRC on a bad filter byte or a short zlib stream: libpng refuses these too (torchvision crashed).
+    import zlib
+
+    w = h = 4
+    raw = bytearray((b"\x00" + bytes(3 * w)) * h)
+    raw[(1 + 3 * w) * 2] = 7  # row 2's filter type
+
+    def chunk(kind, body):
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", w.to_bytes(4, "big") + h.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0]))
+    assert "filter" in image_problem(head + chunk(b"IDAT", zlib.compress(bytes(raw))) + chunk(b"IEND", b""))
+    short = zlib.compress(bytes(raw[:-3]))
+    assert "inflates to" in image_problem(head + chunk(b"IDAT", short) + chunk(b"IEND", b""))
+
+
+def test_converter_reencodes_what_only_pil_reads(tmp_path):
+    """A JPEG without Huffman tables (MJPEG style) decodes in PIL with default tables, but fails the structure
+    check: it is stored as PNG of PIL's pixels and listed under 'reencoded'."""
+    data = jpeg_bytes(5)
+    pos, out = 2, data[:2]
+    while data[pos + 1] != 0xDA:  # drop the DHT segments before the scan
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if data[pos + 1] != 0xC4:
+            out += data[pos : pos + 2 + length]
+        pos += 2 + length
+    mjpeg = out + data[pos:]
+    pixels = np.asarray(Image.open(io.BytesIO(mjpeg)).convert("RGB"))
+    for c in ("a", "b"):
+        for i in range(3):
+            write_jpeg(tmp_path / "raw" / c / f"{i}.jpg", seed=i)
+    (tmp_path / "raw" / "a" / "mjpeg.jpg").write_bytes(mjpeg)
+    convert("folder", tmp_path / "raw", tmp_path / "o", opts(test_fraction=0.0), log=quiet)
+    ss = check_readback(tmp_path / "o", {"train": 7})
+    assert [r["path"] for r in ss.manifest["reencoded"]] == ["a/mjpeg.jpg"] and ss.manifest["num_reencoded"] == 1
+    assert "Huffman" in ss.manifest["reencoded"][0]["reason"]
+    stored = [s.image for s in ss.iter_samples("train") if s.image.shape == pixels.shape and (s.image == pixels).all()]
+    assert len(stored) == 1
+
+
+def test_folder_dataset_name_is_a_plain_name(tmp_path):
+    src = tmp_path / "my data (v2)"
+    for c in ("a", "b"):
+        for i in range(2):
+            write_jpeg(src / c / f"{i}.jpg", seed=i)
+    convert("folder", src, tmp_path / "o", opts(test_fraction=0.0), log=quiet)
+    assert ShardSet.open(tmp_path / "o").manifest["dataset"] == "my_data_v2_"
+
+
+def test_cifar_pickles_with_bytes_keys_or_bad_names(tmp_path):
+    folder, train_y, _ = make_cifar10(tmp_path / "raw", per_batch=4, n_test=4)
+    for f in folder.iterdir():  # re-saved as pickle.load(..., encoding="bytes") leaves them: bytes keys
+        d = pickle.loads(f.read_bytes(), encoding="latin1")
+        d = {k.encode(): ([n.encode() for n in v] if k == "label_names" else v) for k, v in d.items()}
+        f.write_bytes(pickle.dumps(d, protocol=2))
+    convert("cifar10", folder, tmp_path / "o", opts(), log=quiet)
+    ss = ShardSet.open(tmp_path / "o")
+    assert ss.classes[0] == "airplane" and (ss.labels("train")[0] == train_y).all()
+    meta = pickle.loads((folder / "batches.meta").read_bytes(), encoding="bytes")
+    for bad in ("airplane,car", 10, None):
+        meta[b"label_names"] = bad
+        (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+        with pytest.raises(UserError, match="should be a list of class names"):
+            convert("cifar10", folder, tmp_path / "bad", opts(), log=quiet)
+    (folder / "batches.meta").write_bytes(pickle.dumps([1, 2, 3], protocol=2))
+    with pytest.raises(UserError, match="expected a CIFAR pickle holding a dict"):
+        convert("cifar10", folder, tmp_path / "bad", opts(), log=quiet)

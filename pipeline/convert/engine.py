@@ -3,7 +3,9 @@
 One reader per source format lists the samples of each split in a deterministic order (`Item`s carrying a file
 path or a pixel array, and the source's label). The engine then
   1. sets the training labels (the source's, a label file's, or synthetic noise; the true label is kept),
-  2. reads, verifies (a full decode) and encodes the images over a process pool, in bounded ordered chunks,
+  2. reads, verifies (a full decode, and the structure check the loaders apply before any decoder sees a byte:
+     what fails it but decodes in PIL is re-encoded as PNG) and encodes the images over a process pool, in
+     bounded ordered chunks,
   3. writes them in index order through `ShardWriter` (temporary name, rename, DALI index per tar),
   4. writes manifest.json last, atomically.
 Nothing in the output depends on the wall clock or on the number of workers.
@@ -34,12 +36,14 @@ from ccl.pipeline.convert.digits import read_digits
 from ccl.pipeline.convert.folder import read_folder
 from ccl.pipeline.convert.source import SPLIT_SEED, ConvertOptions, Item, Source
 from ccl.pipeline.convert.webvision import read_webvision
-from ccl.pipeline.shards import FORMAT_VERSION, MANIFEST, ShardWriter, write_json_atomic
+from ccl.pipeline import manifest as schema
+from ccl.pipeline.shards import FORMAT_VERSION, MANIFEST, ShardWriter, die_with_parent, image_problem, write_json_atomic
 
 FEATURE_SIZE = 32  # instance noise: images are compared as 32x32 RGB (CIFAR's own size)
 CHUNK = 64  # items per worker task
 STATS_IMAGES = 50_000  # mean/std use at most about this many train images
-_OUTPUT_FILE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.(tar|idx)$")
+MIN_STD = 1 / 255  # the smallest std written: one grey level
+_OUTPUT_FILE = re.compile(r"^([A-Za-z0-9_]+-\d{6}\.(tar|idx)|check\.json)$")  # check.json: `ccl check`'s report
 
 
 def _read_digits(src, opts: ConvertOptions) -> Source:
@@ -76,7 +80,9 @@ def _encode_chunk(task: tuple[list[Item], list[bool]]) -> list[tuple]:
 
 
 def _encode_one(item: Item, want_stats: bool) -> tuple:
-    """("ok", bytes, ext, h, w, stats | None) or ("bad", reason). JPEG and PNG bytes are kept as they are.
+    """("ok", bytes, ext, h, w, stats | None, reencoded) or ("bad", reason). JPEG and PNG bytes are kept as they
+    are when they pass the shard reader's structure check (`image_problem`, what every training decoder can be
+    handed); otherwise the image is stored as PNG re-encoded from PIL's decode, and `reencoded` says why.
 
     stats = (per-channel pixel sums, sums of squares, pixel count) as exact integers, so mean/std do not
     depend on summation order.
@@ -84,6 +90,7 @@ def _encode_one(item: Item, want_stats: bool) -> tuple:
     from PIL import Image
 
     stats = None
+    reencoded = None
     try:
         if item.array is not None:
             im = Image.fromarray(np.ascontiguousarray(item.array))  # [H, W, 3] uint8 -> RGB
@@ -98,17 +105,35 @@ def _encode_one(item: Item, want_stats: bool) -> tuple:
                 im.load()  # a full decode: truncated or corrupt files fail here, not in training
                 w, h = im.size
                 ext = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}.get(im.format)
-                if want_stats or ext is None:
+                if ext is None:  # BMP, GIF, WebP, TIFF...: not every loader decodes them, so store PNG
+                    reencoded = f"{im.format or 'unknown'} format"
+                else:
+                    # PIL decodes some files the training decoders refuse or crash on (a PNG with a broken
+                    # ancillary chunk, a JPEG with an odd marker, arithmetic coding): store PIL's pixels.
+                    reencoded = image_problem(data)
+                if want_stats or reencoded:
                     rgb = im if im.mode == "RGB" else im.convert("RGB")
                     if want_stats:
                         stats = _rgb_stats(rgb)
-                    if ext is None:  # BMP, GIF, WebP, TIFF...: not every loader decodes them, so store PNG
+                    if reencoded:
                         data, ext = _png_bytes(rgb), "png"
+        why = image_problem(data)
+        if why is not None:  # PIL's own PNG failing the check would be a bug of ours, not bad input
+            raise AssertionError(f"re-encoded PNG fails the structure check: {why}")
     except FileNotFoundError:
         return ("bad", "missing file")
+    except AssertionError:
+        raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError...; all mean "undecodable"
-        return ("bad", f"{type(e).__name__}: {e}")
-    return ("ok", data, ext, int(h), int(w), stats)
+        return ("bad", _reason(e))
+    return ("ok", data, ext, int(h), int(w), stats, reencoded)
+
+
+def _reason(e: Exception) -> str:
+    """An exception as a reason for the manifest, without object addresses ("<_io.BytesIO object at 0x7f..>"),
+    so that identical conversions write identical manifests."""
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))
+    return f"{type(e).__name__}: {text}".rstrip(": ")
 
 
 _LEVELS = np.arange(256, dtype=np.int64)
@@ -161,7 +186,9 @@ class _Runner:
             methods = multiprocessing.get_all_start_methods()
             # fork starts workers in milliseconds; the workers only use numpy and PIL.
             ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            # die_with_parent: a kill -9 of the converter must not leave its workers blocked on a dead queue.
+            self.pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=die_with_parent,
+                                            initargs=(os.getpid(),))
             # Start the workers now, before the progress bar's thread exists: forking a threaded parent is unsafe.
             self.pool.submit(int).result()
 
@@ -269,6 +296,7 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
         _clean_out(out)
         splits_meta: dict[str, dict] = {}
         skipped = list(source.skipped)
+        reencoded: list[dict] = []
         sums, sqs, npx = [0, 0, 0], [0, 0, 0], 0  # exact integer pixel sums over the train split
         sizes: set[tuple[int, int]] = set()
         written_train = ([], [])
@@ -301,7 +329,9 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
                             )
                         skipped.append({"split": split, "path": it.name, "reason": res[1]})
                         continue
-                    _, data, ext, h, w, stats = res
+                    _, data, ext, h, w, stats, why = res
+                    if why:
+                        reencoded.append({"split": split, "path": it.name, "reason": why})
                     writer.write(writer.count, data, ext, int(label[src_i]), int(clean[src_i]))
                     sizes.add((h, w))
                     if is_train:
@@ -335,6 +365,10 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
         raise UserError("no train image decoded for the mean/std; is the source readable?")
     mean = [float(s) / (255.0 * npx) for s in sums]
     std = [math.sqrt(max(float(q) / (255.0**2 * npx) - m * m, 0.0)) for q, m in zip(sqs, mean)]
+    flat = [c for c, v in zip("RGB", std) if v < MIN_STD]
+    if flat:  # normalising divides by std: a channel that never varies is scaled by one grey level instead
+        std = [max(v, MIN_STD) for v in std]
+        source.notes.append(f"channel(s) {''.join(flat)} never vary in the train split: std set to 1/255")
     train_written_label, train_written_clean = (np.array(v, dtype=np.int64) for v in written_train)
     noise_entry = noise_mod.noise_summary(noise_info, train_written_clean, train_written_label, num_classes)
     manifest = {
@@ -350,15 +384,23 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
         "noise": noise_entry,
         "num_skipped": len(skipped),
         "skipped": skipped,
+        "num_reencoded": len(reencoded),
+        "reencoded": reencoded,
         "notes": source.notes + [noise_entry[k] for k in ("note", "warning") if k in noise_entry],
         "tool_version": f"ccl {ccl.__version__}",
         "created": {"tool": "tools/shard.py", "format": fmt, "options": _options_record(opts)},
     }
+    wrong = schema.problems(manifest)
+    if wrong:  # what we write must be what every reader accepts
+        raise ValueError(f"the converter built a manifest its own schema refuses: {'; '.join(wrong)}")
     write_json_atomic(out / MANIFEST, manifest)
     for note in manifest["notes"]:
         log(f"{'warning' if note == noise_entry.get('warning') else 'note'}: {note}")
     if skipped:
         log(f"skipped {len(skipped)} image(s) (undecodable or missing); listed under 'skipped' in {MANIFEST}")
+    if reencoded:
+        log(f"re-encoded {len(reencoded)} image(s) as PNG (a format or structure the training decoders may not "
+            f"read); listed under 'reencoded' in {MANIFEST}")
     seconds = time.perf_counter() - t0
     return {"manifest": manifest, "images": n_images, "seconds": seconds, "images_per_s": n_images / max(seconds, 1e-9)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,14 @@ def read_folder(src: Path, test_fraction: float) -> Source:
             splits["test"] = [it for it, h in zip(items, held) if h]
     if not splits["train"]:
         raise UserError(f"folder: {root} holds no images in its class folders")
-    return Source(root.name or "folder", classes, splits, train_clean=True, shuffle=True)
+    return Source(plain_name(root.resolve().name), classes, splits, train_clean=True, shuffle=True)
+
+
+def plain_name(name: str) -> str:
+    """The folder's name as a data set name the manifest accepts (it names the run directory): letters,
+    digits, '.', '_', '-', starting with a letter or digit."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", name).lstrip("._-")[:128]
+    return clean or "folder"
 
 
 def _class_dirs(root: Path) -> list[str]:
