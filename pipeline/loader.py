@@ -560,8 +560,10 @@ class Loader:
         load_size,
         strict: bool,
         damaged: list[Damaged],
+        left_out: int = 0,
     ):
-        """What both backends share: the options, the decode size, and this rank's share of the epoch."""
+        """What both backends share: the options, the decode size, and this rank's share of the epoch.
+        `left_out`: readable samples that this loader does not read (outside its `subset`)."""
         self.split, self.train, self.batch_size, self.device = split, train, batch_size, device
         self.seed, self.rank, self.world_size, self.strict = seed, rank, world_size, strict
         self.hw, self.variable = resolve_load_size(shardset.image_size, load_size)
@@ -573,7 +575,7 @@ class Loader:
         self.damaged = list(damaged)  # found before the first pass: left out of every epoch
         self.skipped_samples: list[Damaged] = list(self.damaged)
         self.skipped = len(self.skipped_samples)
-        n = shardset.count(split) - len(self.damaged)
+        n = shardset.count(split) - len(self.damaged) - left_out
         if n < world_size:
             raise UserError(f"split '{split}' has {n} readable samples, fewer than {world_size} ranks")
         lo, hi = rank_range(n, rank, world_size)
@@ -623,15 +625,18 @@ class TorchLoader(Loader):
         strict: bool,
         verify: bool = True,
         isolate: bool = True,
+        subset: np.ndarray | None = None,
     ):
         self.index = ShardIndex(shardset, split, verify=verify)
+        keep = self.index.keep if subset is None else np.intersect1d(self.index.keep, np.asarray(subset, np.int64))
         super().__init__(shardset, split, batch_size=batch_size, train=train, device=device, seed=seed, rank=rank,
-                         world_size=world_size, load_size=load_size, strict=strict, damaged=self.index.damaged)
+                         world_size=world_size, load_size=load_size, strict=strict, damaged=self.index.damaged,
+                         left_out=len(self.index.keep) - len(keep))
         self.epoch = 0
         self._shard_names = [os.path.basename(p) for p in self.index.paths]
         workers = max(0, int(num_workers))
         self._sampler = _EpochBatches(
-            self.index.keep, batch_size=batch_size, train=train, seed=seed, rank=rank, world_size=world_size
+            keep, batch_size=batch_size, train=train, seed=seed, rank=rank, world_size=world_size
         )
         self._dl = DataLoader(
             _BatchReader(self.index, self.hw, self.variable, split, max_batch=batch_size, isolate=isolate),
@@ -693,6 +698,7 @@ def make_loader(
     load_size=None,
     strict: bool = False,
     checksum: bool | None = None,
+    subset: np.ndarray | None = None,
 ) -> Loader:
     """A loader over `split` of a `ccl.pipeline.shards.ShardSet`.
 
@@ -710,6 +716,9 @@ def make_loader(
     (seconds for CIFAR, about a minute for WebVision on fast disks). `checksum=False` (default True) skips it
     for the torch backend, which then checks each image's structure as it reads it; the dali backend always
     scans, since its decoder cannot skip an image and some damage crashes it.
+
+    `subset`: read only these sample indices of the split (a held-out validation part, or the rest of it);
+    the torch backend only.
     """
     if backend not in BACKENDS:
         raise UserError(f"unknown loader backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -737,7 +746,10 @@ def make_loader(
         strict=bool(strict),
     )
     if backend == "dali":
+        if subset is not None:
+            raise UserError("a validation split (--val-fraction) needs the torch backend; the dali backend reads "
+                            "whole shards")
         from ccl.pipeline.dali import DaliLoader  # imported lazily: DALI is optional and slow to import
 
         return DaliLoader(shardset, split, **kwargs)
-    return TorchLoader(shardset, split, verify=verify, **kwargs)
+    return TorchLoader(shardset, split, verify=verify, subset=subset, **kwargs)

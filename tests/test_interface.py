@@ -188,3 +188,26 @@ def test_a_run_without_noise_reports_auroc_as_not_applicable(tmp_path):
         warnings.simplefilter("error", RuntimeWarning)
         summary = train(small_cfg(clean, tmp_path, epochs=2, warmup=1), progress=False)
     assert summary["auroc"] is None and summary["actual_noise_rate"] == 0.0
+
+
+def test_model_selection_uses_a_held_out_part_of_the_training_set(digits, tmp_path):
+    from ccl.train.loop import held_out
+
+    val = held_out(1437, 0.2, seed=3)
+    assert val.sum() == 287 and (held_out(1437, 0.2, seed=3) == val).all() and not held_out(1437, 0.0, 3).any()
+    cfg = small_cfg(digits, tmp_path, method="ce", epochs=2, warmup=0, val_fraction=0.2, seed=3)
+    summary = train(cfg, progress=False)
+    hist = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["images"] == 1437 - 287 for r in hist)  # the held-out part is never trained on
+    assert all("val_ens_top1" in r for r in hist) and (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+    best = max(range(len(hist)), key=lambda i: hist[i]["val_ens_top1"])
+    assert summary["test_at_best_val"] == hist[best]["ens_top1"]
+    assert summary["test_best_oracle"] == max(r["ens_top1"] for r in hist) and "test_best" not in summary
+    state = ckpt.load(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert state["epoch"] == best and not state["method"]["active"][torch.from_numpy(val)].any()
+
+
+def test_without_a_validation_part_no_best_checkpoint_is_chosen(digits, tmp_path):
+    train(small_cfg(digits, tmp_path, method="ce", epochs=1, warmup=0), progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()

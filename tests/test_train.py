@@ -47,7 +47,8 @@ def test_every_parameter_of_both_nets_gets_a_gradient(digits, tmp_path, schedule
 
 
 def test_ccl_learns_far_above_chance_and_writes_its_run(digits, tmp_path):
-    cfg = small_cfg(digits, tmp_path, arch="resnet_small", epochs=5, warmup=2, batch_size=64, lr=1e-3)
+    cfg = small_cfg(digits, tmp_path, arch="resnet_small", epochs=5, warmup=2, batch_size=64, lr=1e-3,
+                    val_fraction=0.1)
     summary = train(cfg, progress=False)
     hist = history(summary)
     assert [r["epoch"] for r in hist] == [0, 1, 2, 3, 4]

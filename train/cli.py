@@ -94,6 +94,8 @@ def train(
     compile: bool = typer.Option(_D.compile, "--compile/--no-compile", help="torch.compile the networks."),
     device: str = typer.Option(_D.device, help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(_D.seed, help="Seed of init, order, augmentation (and the digits noise)."),
+    val_fraction: float = typer.Option(_D.val_fraction, help="Hold out this fraction of the (noisy) training set "
+                                       "and choose best.pt on it; 0: no best.pt. The test split never picks."),
     out: Path = typer.Option(Path(_D.out), help="Parent of the run directory."),
     name: Optional[str] = typer.Option(None, help="Run name. Default: DATASET-METHOD-sSEED, numbered if taken.",
                                        show_default=False),

@@ -105,6 +105,38 @@ class TCLConfig:
 
 
 @dataclass(frozen=True)
+class DivideMixConfig:
+    """DivideMix (Li, Socher and Hoi, ICLR 2020) as LiJunnan1992/DivideMix's Train_CIFAR.py runs it (its argparse
+    defaults, l.20-23): L = Lx + ramp(lambda_u) Lu + prior_weight L_prior. `plus` adds CCL's L_CVL and/or L_CML
+    (the CCL paper's Table 5), with the `ccl` section's tau, threshold, weights and ablations."""
+
+    p_threshold: float = 0.5  # a sample is labelled when its clean probability (peer's GMM) exceeds this
+    sharpen_t: float = 0.5  # T of co-refinement and co-guessing: p^(1/T), normalised
+    alpha: float = 4.0  # mixup lambda ~ Beta(alpha, alpha), then max(lambda, 1 - lambda)
+    lambda_u: float = 25.0  # weight of Lu once ramped up (per setting: the recipes)
+    rampup: int = 16  # epochs of Lu's linear ramp after warm-up
+    prior_weight: float = 1.0  # the uniform-prior penalty (1 in the code)
+    warmup_penalty: bool = False  # negative-entropy penalty in warm-up (the code adds it on asymmetric noise)
+    plus: str = ""  # CCL's terms to add: "", "cvl", "cml" or "cvl,cml"
+    plus_on: str = "labelled"  # the samples they apply to: "labelled" (the division's labelled part) or "all"
+    PLUS = ("cvl", "cml")  # a class constant, not an option
+    PLUS_ON = ("labelled", "all")
+
+    def plus_terms(self) -> frozenset[str]:
+        return frozenset(t.strip().lower() for t in self.plus.split(",") if t.strip())
+
+    def validate(self) -> None:
+        _check(0 <= self.p_threshold < 1, "dividemix.p_threshold must lie in [0, 1)")
+        _check(self.sharpen_t > 0, "dividemix.sharpen_t must be positive")
+        _check(self.alpha > 0, "dividemix.alpha must be positive")
+        _check(self.lambda_u >= 0 and self.prior_weight >= 0, "dividemix.lambda_u and prior_weight must be >= 0")
+        _check(self.rampup >= 0, "dividemix.rampup must be >= 0")
+        unknown = sorted(self.plus_terms() - set(self.PLUS))
+        _check(not unknown, f"dividemix.plus takes cvl, cml or cvl,cml; unknown: {', '.join(unknown)}")
+        _check(self.plus_on in self.PLUS_ON, f"dividemix.plus_on must be {' or '.join(self.PLUS_ON)}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # data
     data: str | None = None  # shard directory; None = the built-in digits set
@@ -140,6 +172,8 @@ class TrainConfig:
     ccl: CCLConfig = field(default_factory=CCLConfig)
     rolr: RoLRConfig = field(default_factory=RoLRConfig)
     tcl: TCLConfig = field(default_factory=TCLConfig)
+    dividemix: DivideMixConfig = field(default_factory=DivideMixConfig)
+    val_fraction: float = 0.0  # held out of the (noisy) training set to choose best.pt on; 0: no best.pt
     # run
     recipe: str | None = None  # the recipe the values came from (`ccl recipes`), checked against the data
     out: str = "runs"
@@ -166,6 +200,7 @@ class TrainConfig:
         _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight decay must be >= 0")
         _check(0 <= self.noise_rate < 1, f"noise rate must lie in [0, 1), got {self.noise_rate}")
         _check(self.workers >= 0, "workers must be >= 0")
+        _check(0 <= self.val_fraction <= 0.5, f"val fraction must lie in [0, 0.5], got {self.val_fraction}")
         _check(self.eval_every >= 1 and self.log_every >= 1, "eval_every and log_every must be at least 1")
         for section in SECTIONS:
             getattr(self, section).validate()
@@ -181,7 +216,7 @@ class TrainConfig:
 
 
 # The per-method sections of TrainConfig: `--set SECTION.KEY=VALUE` and the JSON file's nested objects.
-SECTIONS = {"ccl": CCLConfig, "rolr": RoLRConfig, "tcl": TCLConfig}
+SECTIONS = {"ccl": CCLConfig, "rolr": RoLRConfig, "tcl": TCLConfig, "dividemix": DivideMixConfig}
 
 
 def _check(ok: bool, msg: str) -> None:

@@ -170,10 +170,17 @@ def setup(cfg: TrainConfig, data_dir: Path) -> Run:
     return Run(cfg, shards, device, method, aug, identity)
 
 
-def _loader(run: Run, split: str, train: bool):
+def _loader(run: Run, split: str, train: bool, subset: np.ndarray | None = None):
     cfg = run.cfg
     return make_loader(run.shards, split, backend=cfg.backend, batch_size=cfg.batch_size, train=train,
-                       device=run.device, num_workers=cfg.workers, seed=cfg.seed, strict=cfg.strict)
+                       device=run.device, num_workers=cfg.workers, seed=cfg.seed, strict=cfg.strict, subset=subset)
+
+
+def held_out(num_train: int, fraction: float, seed: int) -> np.ndarray:
+    """bool [N]: the validation part of the (noisy) training split, a seeded random fraction of it."""
+    val = np.zeros(num_train, dtype=bool)
+    val[np.random.default_rng([seed, 0x5A1]).permutation(num_train)[: int(round(fraction * num_train))]] = True
+    return val
 
 
 def make_views(aug: Augment, images: torch.Tensor, names: tuple[str, ...], generator) -> tuple[torch.Tensor, ...]:
@@ -196,14 +203,16 @@ def ordered_views(run: Run, loader, view: str, generator) -> Iterator[tuple[Batc
 
 
 @torch.no_grad()
-def evaluate(run: Run, loader, ctx) -> dict[str, float]:
-    """Top-1/top-5 of every head (each net and the ensemble) on a split, against its clean labels when known."""
+def evaluate(run: Run, loader, ctx, noisy: bool = False) -> dict[str, float]:
+    """Top-1/top-5 of every head (each net and the ensemble) on a split, against its clean labels when known, or
+    against the given (noisy) labels with ``noisy``: the validation part of the training set, which model
+    selection may only judge as a user would, by the labels it has."""
     acc = Accuracy()
     with eval_mode(run.method):
         for batch in loader:
             with ctx:
                 logits = run.method.eval_logits(run.aug.eval_view(batch.images))
-            target = torch.where(batch.clean >= 0, batch.clean, batch.label)
+            target = batch.label if noisy else torch.where(batch.clean >= 0, batch.clean, batch.label)
             acc.update(logits, target)
     return dist.reduce_accuracy(acc).result()  # each rank read its part of the split
 
@@ -316,9 +325,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
                   "command": sys.argv}
         (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    train_loader = _loader(run, "train", train=True)
+    # Model selection never looks at the test split: best.pt is chosen on a held-out part of the training set.
+    val = held_out(run.identity["num_train"], cfg.val_fraction, cfg.seed)
+    fit = np.flatnonzero(~val) if val.any() else None
+    method.active.copy_(torch.from_numpy(~val))  # the confidence (GMM) is fitted on the samples it trains on
+    train_loader = _loader(run, "train", train=True, subset=fit)
     test_loader = _loader(run, "test", train=False)
-    train_in_order = _loader(run, "train", train=False)
+    train_in_order = _loader(run, "train", train=False, subset=fit)
+    val_loader = _loader(run, "train", train=False, subset=np.flatnonzero(val)) if val.any() else None
     labels, clean = run.shards.labels("train")
     has_clean = bool((clean >= 0).all())
     run.model = dist.wrap(method, sync_bn=cfg.sync_bn)
@@ -353,17 +367,19 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
             record |= {f"train_{k}": v for k, v in ep["means"].items()}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 record |= evaluate(run, test_loader, ctx)
+                if val_loader is not None:
+                    record |= {f"val_{k}": v for k, v in evaluate(run, val_loader, ctx, noisy=True).items()}
             if has_clean and main:
                 record |= method.detection(labels, clean)
             train_time = ep["train_time"]
             (images,) = dist.sum_numbers(ep["images"])  # all ranks
-            record |= {"images_per_s": images / max(train_time, 1e-9),
+            record |= {"images": int(images), "images_per_s": images / max(train_time, 1e-9),
                        "data_wait": ep["wait"] / max(train_time, 1e-9), "epoch_time": train_time,
                        "estimate_time": est_time, "skipped": train_loader.skipped,
                        "test_skipped": test_loader.skipped}
             if device.type == "cuda":
                 record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            top1 = record.get("ens_top1", -1.0)
+            top1 = record.get("val_ens_top1", -1.0)  # no validation part: no best.pt (the test split never picks)
             improved = top1 > best
             best = max(best, top1)
             rng_ranks = dist.rng_states(ckpt.rng_state(rng))  # every rank's streams, to resume on as many processes
@@ -401,6 +417,9 @@ def _summary(run: Run, run_dir: Path, history: list[dict], labels, clean, has_cl
             summary["auroc"] = float(np.mean(finite)) if finite else None
         summary["actual_noise_rate"] = float(np.mean(labels != clean)) if has_clean else None
         summary["epoch_time_mean"] = float(np.mean([r["epoch_time"] for r in history]))
+        val = [r["val_ens_top1"] for r in history if r.get("val_ens_top1") is not None]
+        if val:
+            summary["val_best"] = max(val)
     return summary
 
 
@@ -463,6 +482,8 @@ def _epoch_line(r: dict) -> str:
     parts = [f"epoch {r['epoch'] + 1}"]
     if "ens_top1" in r:
         parts.append(f"test top1 {r['ens_top1']:.2f}")
+    if "val_ens_top1" in r:
+        parts.append(f"val top1 {r['val_ens_top1']:.2f} (noisy labels)")
     if "net0_auroc" in r and r["net0_auroc"] == r["net0_auroc"]:
         parts.append(f"AUROC {r['net0_auroc']:.3f}")
     parts.append(f"{r['images_per_s']:.0f} img/s")

@@ -42,7 +42,6 @@ from contextlib import nullcontext
 
 import torch
 
-from ccl.errors import UserError
 
 IMPLS = ("auto", "reference", "torch", "triton")
 

@@ -83,6 +83,8 @@ class Method(nn.Module):
         self.register_buffer("w", torch.ones(self.num_nets, num_train))  # label confidence per net
         self.register_buffer("sample_loss", torch.zeros(self.num_nets, num_train))  # CE of the noisy label
         self.register_buffer("has_w", torch.zeros((), dtype=torch.bool))
+        # The samples the method trains on (False: held out for validation); confidence is fitted on these alone.
+        self.register_buffer("active", torch.ones(num_train, dtype=torch.bool))
 
     # -- schedule ---------------------------------------------------------------------------------------------
     def warming_up(self, epoch: int) -> bool:
@@ -153,18 +155,24 @@ class Method(nn.Module):
         self.has_w.fill_(True)
 
     def confidence_from_losses(self, sample_loss: torch.Tensor) -> torch.Tensor:
-        """Eq. 16: each net's confidence comes from its PEER's losses (its own would confirm its own errors)."""
+        """Eq. 16: each net's confidence comes from its PEER's losses (its own would confirm its own errors).
+        The GMM sees the active samples only; a held-out sample keeps w = 1."""
         peer = [(k + 1) % self.num_nets for k in range(self.num_nets)]
-        w = [torch.from_numpy(gmm_confidence(sample_loss[p].cpu().numpy(), seed=self.cfg.seed)) for p in peer]
-        return torch.stack(w).to(sample_loss)
+        active = self.active.cpu().numpy()
+        w = torch.ones_like(sample_loss)
+        for k, p in enumerate(peer):
+            w[k, self.active] = torch.from_numpy(gmm_confidence(sample_loss[p].cpu().numpy()[active],
+                                                                seed=self.cfg.seed)).to(w)
+        return w
 
     def detection(self, noisy, clean) -> dict[str, float]:
         """Precision, recall and AUROC of each net's w as a detector of clean labels ({} before the first refresh)."""
         if not bool(self.has_w):
             return {}
-        out = {}
+        out, active = {}, self.active.cpu().numpy()
         for k in range(self.num_nets):
-            out |= {f"net{k}_{key}": v for key, v in detection_metrics(self.w[k].cpu().numpy(), noisy, clean).items()}
+            det = detection_metrics(self.w[k].cpu().numpy()[active], noisy[active], clean[active])
+            out |= {f"net{k}_{key}": v for key, v in det.items()}
         return out
 
     # -- evaluation ---------------------------------------------------------------------------------------------
