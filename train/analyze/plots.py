@@ -125,28 +125,42 @@ def pr_curves(per_net: list[dict], clean_share: float) -> str:
 
 
 def curves(history: list[dict]) -> str | None:
-    """Training curves from metrics.jsonl: accuracy, AUROC of w, the loss parts, and tracked contamination."""
+    """Training curves from metrics.jsonl: accuracy, AUROC of w, the loss parts, and tracked contamination.
+
+    A twin method logs each loss part once per net (``train_acl_mean0``, ``train_acl_mean1``); the panel shows
+    their mean over the nets, so that a part is one line.
+    """
     if not history:
         return None
     keys = sorted({k for r in history for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    panels = [("test top-1 (%)", [k for k in keys if k.endswith("_top1")]),
-              ("AUROC of w", [k for k in keys if k.endswith("_auroc")]),
-              ("training loss parts", [k for k in keys if k.startswith("train_")]),
-              ("tracked contamination", [k for k in keys if k.startswith("track_") and "_net" not in k])]
-    panels = [(t, ks) for t, ks in panels if ks]
+    losses: dict[str, list[str]] = {}
+    for k in keys:
+        if k.startswith("train_"):
+            losses.setdefault(k.rstrip("0123456789"), []).append(k)
+    panels = [("test top-1 (%)", {k: [k] for k in keys if k.endswith("_top1")}),
+              ("AUROC of w", {k: [k] for k in keys if k.endswith("_auroc")}),
+              ("training loss parts (mean over nets)", losses),
+              ("tracked contamination", {k: [k] for k in keys if k.startswith("track_") and "_net" not in k})]
+    panels = [(t, lines) for t, lines in panels if lines]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 2.8), squeeze=False, layout="constrained")
-    for ax, (title, ks) in zip(axes[0], panels):
-        for k in ks:
-            pts = [(r["epoch"] + 1, r[k]) for r in history if isinstance(r.get(k), (int, float))]
+    # Accuracy and AUROC side by side; the loss parts (a long legend) and the tracked measures each take a row.
+    small = [p for p in panels if p[0] in ("test top-1 (%)", "AUROC of w")]
+    wide = [p for p in panels if p not in small]
+    mosaic = ([[p[0] for p in small] if len(small) == 2 else [small[0][0]] * 2] if small else []) + \
+             [[p[0]] * 2 for p in wide]
+    fig = plt.figure(figsize=(6.4, 2.3 * len(mosaic)), layout="constrained")
+    axes = fig.subplot_mosaic(mosaic)
+    for title, lines in panels:
+        ax = axes[title]
+        for label, members in lines.items():
+            pts = [(r["epoch"] + 1, float(np.mean([r[m] for m in members])))
+                   for r in history if all(isinstance(r.get(m), (int, float)) for m in members)]
             if pts:
                 x, y = zip(*pts)
-                ax.plot(x, y, marker="." if len(pts) < 30 else None, label=k, lw=1.2)
+                ax.plot(x, y, marker="." if len(pts) < 30 else None, label=label, lw=1.2)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
-        if len(ks) <= 6:
-            ax.legend(fontsize=6)
-        else:  # a twin method logs many loss parts: beside the axes, in columns, so the plot keeps its size
-            ax.legend(fontsize=5, loc="upper left", bbox_to_anchor=(1.0, 1.0), ncol=-(-len(ks) // 14), frameon=False)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0), ncol=-(-len(lines) // 9), frameon=False)
     return data_uri(fig)
