@@ -1,0 +1,679 @@
+"""`ccl labels`: which labels of a finished run look wrong, ranked, with a suggested fix.
+
+A run already computes what a person cleaning their data wants: each net's label confidence w (a GMM posterior
+that the given label is clean, Eq. 16), each net's prediction, and the refurbished label (Eq. 10). This module
+turns them into one row per sample, sorted from most to least suspect, and writes the rows as Parquet (when
+pyarrow is installed) or CSV.
+
+The ranking: mean w over the nets, ascending; ties (w saturates at 0 and 1 for many samples) broken by the
+ensemble's probability of the given label, ascending; then by index, so the order is a pure function of the run.
+The flag `suspect`: mean w below the GMM's decision point 0.5 (the posterior of the clean component below one
+half), or, with `rate`, the `rate` most suspect fraction of the rows.
+
+Where w comes from:
+- the training split of a method that estimates it (ccl, rolr, tcl): the run's own w, as the checkpoint holds it;
+- otherwise (ce, which never estimates w; another split; a run stopped in warm-up): estimated here in the same
+  way the twin methods do, a 2-component GMM over the per-sample CE of the given label under the peer net
+  (under the net itself for a single net), on the deterministic eval view.
+
+Predictions use the eval view (no augmentation), so the table is reproducible. The ensemble is the softmax of the
+nets' summed logits, as `ccl eval` scores it. Metrics treat a wrong label as the positive class: precision is
+the fraction of flagged labels that are wrong, recall the fraction of wrong labels that are flagged, and AUROC
+scores the ranking.
+
+`--compare-cleanlab` runs cleanlab (confident learning) on out-of-sample probabilities from k-fold
+cross-validation with the project's own trainer (`ccl.train.crossval`), and reports both methods side by side.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import typer
+
+from ccl.errors import UserError
+from ccl.pipeline.shards import IMAGE_EXTS, ShardSet
+
+GMM_DECISION = 0.5  # w below this: the GMM's clean component is the less likely one
+GRID_DEFAULT = 64  # suspects on the contact sheet when --top is not given
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where each sample lives in the shards (its key, and its image bytes for the contact sheet and the folds)
+
+
+@dataclass(frozen=True)
+class SampleLocations:
+    """Per sample of one split, in index order: the shard it is in, its key, and its image's bytes' location."""
+
+    tars: list[Path]
+    shard: np.ndarray  # int32 [N]
+    offset: np.ndarray  # int64 [N]
+    size: np.ndarray  # int64 [N]
+    ext: list[str]  # "jpg" or "png", [N]
+    key: list[str]  # the sample's key in the tar (everything before the first dot of its members' names), [N]
+
+    def read(self, i: int) -> bytes:
+        with open(self.tars[int(self.shard[i])], "rb") as f:
+            return os.pread(f.fileno(), int(self.size[i]), int(self.offset[i]))
+
+
+def sample_locations(shards: ShardSet, split: str) -> SampleLocations:
+    """Read the DALI index files of a split (lines of `component offset size member-name` quadruples)."""
+    tars = shards.shards(split)
+    n = shards.count(split)
+    shard = np.empty(n, np.int32)
+    offset = np.empty(n, np.int64)
+    size = np.empty(n, np.int64)
+    ext: list[str] = []
+    key: list[str] = []
+    pos = 0
+    for s, idx in enumerate(shards.index_files(split)):
+        if not idx.is_file():
+            raise UserError(f"{idx}: missing (every shard has a DALI index next to it; reconvert with tools/shard.py)")
+        with open(idx) as f:
+            f.readline()  # "v1.2 COUNT"
+            for line in f:
+                parts = line.split()
+                try:
+                    comps = {parts[i]: (int(parts[i + 1]), int(parts[i + 2]), parts[i + 3])
+                             for i in range(0, len(parts), 4)}
+                except (ValueError, IndexError):
+                    raise UserError(f"{idx}: line {pos + 2} is not a webdataset index entry") from None
+                image = next((e for e in IMAGE_EXTS if e in comps), None)
+                if image is None:
+                    raise UserError(f"{idx}: sample {pos} has no {' or '.join(IMAGE_EXTS)} component")
+                if pos >= n:
+                    raise UserError(f"split {split!r}: the shards hold more samples than the manifest's {n}")
+                off, sz, name = comps[image]
+                base = name.rsplit("/", 1)[-1]
+                shard[pos], offset[pos], size[pos] = s, off, sz
+                ext.append(image)
+                key.append(name[: len(name) - len(base)] + base.split(".", 1)[0])
+                pos += 1
+    if pos != n:
+        raise UserError(f"split {split!r}: the shards hold {pos} samples, the manifest says {n}")
+    return SampleLocations(list(tars), shard, offset, size, ext, key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Predictions: one pass over a split, kept as per-sample summaries (never the [N, C] matrix, which for WebVision
+# would be gigabytes)
+
+
+@dataclass
+class HeadSummary:
+    """What the table needs of one prediction head (a net, or the ensemble), per sample [N]."""
+
+    pred: np.ndarray  # int64: argmax class
+    prob: np.ndarray  # float32: probability of pred
+    p_given: np.ndarray  # float32: probability of the given label
+    ce: np.ndarray  # float32: CE of the given label, -log p_given (the GMM's input)
+    alt: np.ndarray  # int64: the most probable class other than the given label
+    p_alt: np.ndarray  # float32: its probability
+
+
+def summarize_probs(logp: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-sample summaries of log-probabilities [N, C] against the given labels [N]."""
+    p = logp.exp()  # [N, C]
+    prob, pred = p.max(1)
+    lp_given = logp.gather(1, labels[:, None]).squeeze(1)  # [N]
+    others = p.scatter(1, labels[:, None], -1.0)  # the given class can never be the alternative
+    p_alt, alt = others.max(1)
+    return {"pred": pred, "prob": prob, "p_given": lp_given.exp(), "ce": -lp_given, "alt": alt, "p_alt": p_alt}
+
+
+def iter_logits(run, split: str, *, batch_size: int = 256, workers: int = 0) -> Iterator[tuple]:
+    """(index [B], label [B], logits [K, B, C]) per batch of a split, in index order, on the eval view."""
+    from ccl.pipeline.loader import make_loader
+
+    loader = make_loader(run.shards, split, batch_size=batch_size, train=False, device=run.device,
+                         num_workers=workers)
+    view = getattr(run.aug, "eval_view", None) or run.aug.eval
+    nets = run.method.nets
+    nets.eval()
+    cuda = run.device.type == "cuda"
+    with torch.no_grad():
+        for batch in loader:
+            x = view(batch.images)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
+                logits = torch.stack([net(x)[0].float() for net in nets])  # [K, B, C]
+            yield batch.index, batch.label, logits.float()
+
+
+def predict(run, split: str, *, batch_size: int = 256, workers: int = 0) -> tuple[list[HeadSummary], HeadSummary]:
+    """Each net's and the ensemble's summaries over a split (the ensemble: softmax of the summed logits)."""
+    n = run.shards.count(split)
+    k_nets = len(run.method.nets)
+    fields = ("pred", "prob", "p_given", "ce", "alt", "p_alt")
+    buf = [{f: torch.zeros(n, dtype=torch.int64 if f in ("pred", "alt") else torch.float32) for f in fields}
+           for _ in range(k_nets + 1)]
+    seen = torch.zeros(n, dtype=torch.bool)
+    for index, label, logits in iter_logits(run, split, batch_size=batch_size, workers=workers):
+        index = index.cpu()
+        heads = list(logits) + [logits.sum(0)]  # K nets, then the ensemble
+        for b, head in zip(buf, heads):
+            for f, v in summarize_probs(F.log_softmax(head, dim=1), label).items():
+                b[f][index] = v.cpu().to(b[f].dtype)
+        seen[index] = True
+    if not bool(seen.all()):
+        raise UserError(f"split {split!r}: {int((~seen).sum())} samples could not be read (corrupt images?)")
+    out = [HeadSummary(**{f: b[f].numpy() for f in fields}) for b in buf]
+    return out[:-1], out[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scoring: pure functions of per-sample arrays
+
+
+def estimate_w(ce_per_net: list[np.ndarray], seed: int = 0) -> np.ndarray:
+    """Label confidence [K, N] when the run holds none: each net's w from a GMM on its peer's per-sample CE
+    (Eq. 16's criterion; a single net is its own peer)."""
+    from ccl.train.losses.confidence import gmm_confidence
+
+    k = len(ce_per_net)
+    return np.stack([gmm_confidence(ce_per_net[(m + 1) % k], seed=seed) for m in range(k)]).astype(np.float32)
+
+
+def refurbished_labels(w: np.ndarray, given: np.ndarray, p_given: np.ndarray, alt: np.ndarray,
+                       p_alt: np.ndarray) -> np.ndarray:
+    """argmax_c of w * onehot(given) + (1 - w) * p (Eq. 10), from summaries of p alone: the given class scores
+    w + (1 - w) p_given and any other class c at most (1 - w) p_alt, the most probable other one. Ties keep the
+    given label. All inputs [N]."""
+    keep = w + (1 - w) * p_given >= (1 - w) * p_alt
+    return np.where(keep, given, alt)
+
+
+def suspicion_order(w_mean: np.ndarray, p_given: np.ndarray) -> np.ndarray:
+    """Sample indices, most suspect first: mean w ascending, then the ensemble's probability of the given label
+    ascending (w saturates at 0 and 1 for many samples), then the index (a deterministic order)."""
+    n = len(w_mean)
+    return np.lexsort((np.arange(n), p_given, w_mean))
+
+
+def suspect_flags(order: np.ndarray, w_mean: np.ndarray, rate: float | None = None) -> np.ndarray:
+    """bool [N] by sample index: w below the GMM decision point, or with `rate` the round(rate * N) first
+    samples of `order`."""
+    if rate is None:
+        return w_mean < GMM_DECISION
+    if not 0 < rate <= 1:
+        raise UserError(f"--rate must lie in (0, 1], got {rate:g}")
+    flags = np.zeros(len(order), dtype=bool)
+    flags[order[: round(rate * len(order))]] = True
+    return flags
+
+
+def suggested_labels(suspect: np.ndarray, given: np.ndarray, alt: np.ndarray) -> np.ndarray:
+    """For a suspect sample, the ensemble's most probable class other than the given one (the refurbished
+    label whenever Eq. 10 moves off the given label); for any other sample, the given label."""
+    return np.where(suspect, alt, given)
+
+
+def issue_metrics(flag: np.ndarray, score: np.ndarray, given: np.ndarray, clean: np.ndarray) -> dict:
+    """Detection of wrong labels (given != clean) where the clean label is known (clean >= 0).
+
+    precision: of the flagged samples, the fraction whose label is wrong; recall: of the wrong labels, the
+    fraction flagged; f1; auroc: `roc_auc_score` of `score` (higher = more suspect). Undefined values are NaN.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    known = clean >= 0
+    flag, score, wrong = flag[known], score[known], (given != clean)[known]
+    nan = float("nan")
+    tp = int((flag & wrong).sum())
+    n_flag, n_wrong = int(flag.sum()), int(wrong.sum())
+    precision = tp / n_flag if n_flag else nan
+    recall = tp / n_wrong if n_wrong else nan
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else nan
+    auroc = float(roc_auc_score(wrong, score)) if 0 < n_wrong < wrong.size else nan
+    return {"precision": precision, "recall": recall, "f1": f1, "auroc": auroc, "flagged": n_flag,
+            "wrong": n_wrong, "known": int(known.sum())}
+
+
+def rank_score(order: np.ndarray) -> np.ndarray:
+    """A score per sample index whose descending order is `order` (N for the first, 1 for the last): the AUROC
+    of the ranking itself, tie-breaks included."""
+    score = np.empty(len(order), dtype=np.float64)
+    score[order] = np.arange(len(order), 0, -1)
+    return score
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass
+class LabelTable:
+    """The rows, sorted most suspect first: `columns` maps a column name to an array of N values."""
+
+    columns: dict[str, np.ndarray]
+    classes: list[str]
+    w_source: str  # "run" or "estimated"
+
+    def __len__(self) -> int:
+        return len(self.columns["index"])
+
+
+def build_table(nets: list[HeadSummary], ens: HeadSummary, w: np.ndarray, given: np.ndarray, keys: list[str],
+                classes: list[str], w_source: str, rate: float | None = None) -> LabelTable:
+    """Assemble the rows from per-net summaries, the ensemble's, and w [K, N]; sort them by suspicion."""
+    k, n = w.shape
+    if k != len(nets) or n != len(given) or len(keys) != n:
+        raise ValueError(f"w is {w.shape} for {len(nets)} nets, {len(given)} labels and {len(keys)} keys")
+    w_mean = w.mean(0)
+    order = suspicion_order(w_mean, ens.p_given)
+    suspect = suspect_flags(order, w_mean, rate)
+    # Eq. 10 with one target for all nets: the mean confidence and the ensemble's prediction (for a single net,
+    # exactly Eq. 10 with its own prediction, having no peer).
+    refurb = refurbished_labels(w_mean, given, ens.p_given, ens.alt, ens.p_alt)
+    suggested = suggested_labels(suspect, given, ens.alt)
+    names = np.asarray(classes, dtype=object)
+    cols: dict[str, np.ndarray] = {"rank": np.arange(1, n + 1), "index": order,
+                                   "key": np.asarray(keys, dtype=object)[order], "given": given[order],
+                                   "given_name": names[given[order]]}
+    for m in range(k):
+        cols[f"w{m}"] = w[m][order]
+    cols["w_mean"] = w_mean[order]
+    for m, h in enumerate(nets):
+        cols[f"pred{m}"], cols[f"prob{m}"] = h.pred[order], h.prob[order]
+    cols["pred_ens"], cols["prob_ens"], cols["prob_given"] = ens.pred[order], ens.prob[order], ens.p_given[order]
+    cols["refurbished"] = refurb[order]
+    cols["suggested"] = suggested[order]
+    cols["suggested_name"] = names[suggested[order]]
+    cols["suspect"] = suspect[order]
+    return LabelTable(cols, list(classes), w_source)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return "1" if v else "0"
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.9g}"  # 9 significant digits read back as the same float32: the order survives
+    return str(v)
+
+
+def write_table(table: LabelTable, path: Path) -> str:
+    """Write the rows to `path`: Parquet for a .parquet name (needs pyarrow), CSV for a .csv name."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise UserError(f"--out {path}: expected a .csv or .parquet file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    if suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError(f"--out {path}: Parquet needs pyarrow (pip install pyarrow), or name a .csv file") from None
+        arrays = {k: (v.astype(str) if v.dtype == object else v) for k, v in table.columns.items()}
+        pq.write_table(pa.table(arrays), tmp)
+    else:
+        names = list(table.columns)
+        with open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(names)
+            for row in zip(*(table.columns[k].tolist() for k in names)):
+                out.writerow([_fmt(v) for v in row])
+    os.replace(tmp, path)  # a killed write leaves no half table under the final name
+    return "parquet" if suffix == ".parquet" else "csv"
+
+
+def read_table(path: Path) -> dict[str, np.ndarray]:
+    """A table written by `write_table`, as column arrays (numbers parsed; the suspect flag as bool)."""
+    path = Path(path)
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(path)
+        return {name: t.column(name).to_numpy(zero_copy_only=False) for name in t.column_names}
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    cols = {}
+    for j, name in enumerate(header):
+        raw = [r[j] for r in body]
+        if name in ("key", "given_name", "suggested_name"):
+            cols[name] = np.asarray(raw, dtype=object)
+        elif name == "suspect" or name.endswith("_issue"):
+            cols[name] = np.asarray([v == "1" for v in raw])
+        elif name.startswith(("w", "prob", "cleanlab_quality")):
+            cols[name] = np.asarray(raw, dtype=np.float64)
+        else:
+            cols[name] = np.asarray(raw, dtype=np.int64)
+    return cols
+
+
+def default_out(run_dir: Path, split: str) -> Path:
+    """RUN/labels-SPLIT.parquet when pyarrow is installed, else .csv."""
+    try:
+        import pyarrow  # noqa: F401
+
+        ext = "parquet"
+    except ImportError:
+        ext = "csv"
+    return run_dir / f"labels-{split}.{ext}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The contact sheet
+
+
+def contact_sheet(table: LabelTable, locations: SampleLocations, path: Path, count: int, tile: int = 112,
+                  cols: int = 8) -> int:
+    """A PNG grid of the `count` most suspect samples: each image with its rank, index, and given -> suggested
+    class (red when flagged).
+    Returns the number of tiles."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from ccl.pipeline.shards import decode_image
+
+    count = min(count, len(table))
+    if count <= 0:
+        raise UserError("--grid: no rows to show")
+    cols = min(cols, count)
+    rows = math.ceil(count / cols)
+    caption = 30
+    sheet = Image.new("RGB", (cols * tile, rows * (tile + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    c = table.columns
+    chars = max(4, tile // 6)  # the default bitmap font is about 6 px per character
+    for t in range(count):
+        i = int(c["index"][t])
+        im = Image.fromarray(decode_image(locations.read(i)))
+        # Small images (digits, CIFAR) are enlarged with nearest neighbour so their pixels stay visible.
+        scale = tile / max(im.size)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                       Image.NEAREST if scale >= 1 else Image.BILINEAR)
+        x0, y0 = (t % cols) * tile, (t // cols) * (tile + caption)
+        sheet.paste(im, (x0 + (tile - im.width) // 2, y0 + (tile - im.height) // 2))
+        line1 = f"#{t + 1}  i{c['index'][t]}"[:chars]
+        line2 = f"{c['given_name'][t]} -> {c['suggested_name'][t]}"[:chars]
+        draw.text((x0 + 2, y0 + tile + 2), line1, fill="black", font=font)
+        draw.text((x0 + 2, y0 + tile + 15), line2, fill="firebrick" if c["suspect"][t] else "black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return count
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+def resolve_checkpoint(run: Path) -> Path:
+    """RUN (a run directory: its checkpoints/last.pt) or a checkpoint file."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    if not run.exists():
+        raise UserError(f"run not found: {run} (expected a run directory such as runs/NAME, or a checkpoint file)")
+    ck = run / "checkpoints" / "last.pt"
+    if not ck.is_file():
+        raise UserError(f"{run} has no checkpoints/last.pt: not a run directory, or its first epoch never finished")
+    return ck
+
+
+def run_train_seconds(run_dir: Path) -> float | None:
+    """Training time the run logged (the sum of its epochs' training and confidence-estimation time)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    total = 0.0
+    for line in path.read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            total += float(r.get("epoch_time", 0.0)) + float(r.get("estimate_time", 0.0))
+    return total
+
+
+def label_table(run, split: str, *, rate: float | None = None, batch_size: int = 256, workers: int = 0
+                ) -> tuple[LabelTable, SampleLocations, np.ndarray, np.ndarray]:
+    """The sorted table of a restored run's split, with the split's locations, given labels and clean labels."""
+    if split not in run.shards.splits:
+        raise UserError(f"no split {split!r} in {run.shards.root}; it has {', '.join(run.shards.splits)}")
+    given, clean = run.shards.labels(split)
+    locations = sample_locations(run.shards, split)
+    nets, ens = predict(run, split, batch_size=batch_size, workers=workers)
+    method = run.method
+    has_w = bool(getattr(method, "has_w", torch.zeros(()))) and split == "train"
+    if has_w:
+        w, source = method.w.detach().float().cpu().numpy(), "run"
+    else:
+        w, source = estimate_w([h.ce for h in nets], seed=int(getattr(run.cfg, "seed", 0))), "estimated"
+    if w.shape != (len(nets), len(given)):
+        raise ValueError(f"w is {w.shape}, expected ({len(nets)}, {len(given)})")
+    table = build_table(nets, ens, w, given, locations.key, run.shards.classes, source, rate)
+    return table, locations, given, clean
+
+
+def flag_metrics(table: LabelTable, given: np.ndarray, clean: np.ndarray) -> dict | None:
+    """Precision/recall/AUROC of the table's flag and ranking against the clean labels, or None when unknown."""
+    if not (clean >= 0).any():
+        return None
+    c = table.columns
+    idx = c["index"]
+    flag = np.zeros(len(idx), dtype=bool)
+    flag[idx] = c["suspect"]
+    return issue_metrics(flag, rank_score(idx), given, clean)
+
+
+def require_cleanlab() -> None:
+    try:
+        import cleanlab  # noqa: F401
+    except ImportError:
+        raise UserError("--compare-cleanlab needs cleanlab: pip install 'ccl[labels]' (or pip install cleanlab)"
+                        ) from None
+
+
+def compare_cleanlab(run, split: str, table: LabelTable, given: np.ndarray, clean: np.ndarray, *, folds: int,
+                     epochs: int | None, batch_size: int, workers: int, log: Callable[[str], None]) -> dict:
+    """cleanlab's `find_label_issues` and label-quality scores on k-fold out-of-sample probabilities; adds their
+    columns to the table and returns both methods' metrics and wall times."""
+    require_cleanlab()
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    from ccl.train.crossval import out_of_sample_probs
+
+    t0 = time.perf_counter()
+    probs, cv = out_of_sample_probs(run, split, folds=folds, epochs=epochs, batch_size=batch_size, workers=workers,
+                                    log=log)
+    t1 = time.perf_counter()
+    issues = find_label_issues(given, probs)  # bool [N]: confident learning, prune_by_noise_rate
+    quality = get_label_quality_scores(given, probs)  # [N] self-confidence, low = likely wrong
+    t2 = time.perf_counter()
+    idx = table.columns["index"]
+    table.columns["cleanlab_quality"] = quality[idx].astype(np.float32)
+    table.columns["cleanlab_issue"] = issues[idx]
+    table.columns["oos_pred"] = probs.argmax(1)[idx]
+    flag = np.zeros(len(idx), dtype=bool)
+    flag[idx] = table.columns["suspect"]
+    result = {
+        "cleanlab_version": __import__("cleanlab").__version__,
+        "cv": cv,
+        "cleanlab": {"flagged": int(issues.sum()), "seconds_cv": t1 - t0, "seconds_cleanlab": t2 - t1},
+        "agreement": {"both": int((flag & issues).sum()), "ccl_only": int((flag & ~issues).sum()),
+                      "cleanlab_only": int((~flag & issues).sum())},
+    }
+    if (clean >= 0).any():
+        result["cleanlab"] |= issue_metrics(issues, -quality, given, clean)
+    return result
+
+
+def labels_report(run_path: Path, split: str = "train", *, out: Path | None = None, rate: float | None = None,
+                  grid: int | None = None, cleanlab: bool = False, folds: int = 5, cv_epochs: int | None = None,
+                  data: Path | None = None, device: str = "auto", batch_size: int = 256, workers: int = 0,
+                  log: Callable[[str], None] = lambda s: None) -> dict:
+    """The `ccl labels` engine: restore the run, write the table (and the contact sheet), measure, compare.
+
+    Returns {"out", "format", "rows", "w_source", "metrics" (or None), "grid", "seconds", "table", and with
+    cleanlab "compare"}."""
+    from ccl.train.loop import restore
+
+    if rate is not None and not 0 < rate <= 1:
+        raise UserError(f"--rate must lie in (0, 1], got {rate:g}")
+    if folds < 2:
+        raise UserError(f"--folds must be at least 2, got {folds}")
+    if cleanlab:
+        require_cleanlab()  # before the minutes of work it would otherwise follow
+    ck = resolve_checkpoint(run_path)
+    run_dir = ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent
+    out = Path(out) if out else default_out(run_dir, split)
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise UserError(f"--out {out}: expected a .csv or .parquet file name")
+    t0 = time.perf_counter()
+    run, _ = restore(ck, data=data, device=device)
+    table, locations, given, clean = label_table(run, split, rate=rate, batch_size=batch_size, workers=workers)
+    seconds = time.perf_counter() - t0
+    result = {"out": str(out), "rows": len(table), "w_source": table.w_source, "method": run.cfg.method,
+              "nets": len(run.method.nets), "metrics": flag_metrics(table, given, clean), "seconds": seconds,
+              "run_train_seconds": run_train_seconds(run_dir), "grid": None}
+    if cleanlab:
+        result["compare"] = compare_cleanlab(run, split, table, given, clean, folds=folds, epochs=cv_epochs,
+                                             batch_size=int(run.cfg.batch_size), workers=workers, log=log)
+    result["format"] = write_table(table, out)
+    if grid:
+        png = out.with_suffix(".png")
+        contact_sheet(table, locations, png, grid)
+        result["grid"] = str(png)
+    result["table"] = table
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def _pct(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def _auc(v: float) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def _label_text(label: int, name: str) -> str:
+    return str(name) if str(name) == str(label) else f"{label} {name}"
+
+
+def print_top(table: LabelTable, k: int, console) -> None:
+    from rich.table import Table
+
+    c = table.columns
+    t = Table(title=f"the {min(k, len(table))} most suspect labels")
+    for col in ("rank", "index", "given", "suggested", "w_mean", "p(given)", "suspect"):
+        t.add_column(col, justify="left" if col in ("given", "suggested") else "right", no_wrap=True)
+    for r in range(min(k, len(table))):
+        t.add_row(str(c["rank"][r]), str(c["index"][r]), _label_text(c["given"][r], c["given_name"][r]),
+                  _label_text(c["suggested"][r], c["suggested_name"][r]), f"{c['w_mean'][r]:.3f}",
+                  f"{c['prob_given'][r]:.3f}", "yes" if c["suspect"][r] else "")
+    console.print(t)
+
+
+def print_report(result: dict, rate: float | None, console) -> None:
+    rule = f"the {rate:g} most suspect fraction" if rate is not None else f"mean w < {GMM_DECISION:g}"
+    m = result["metrics"]
+    flagged = int(result["table"].columns["suspect"].sum())
+    console.print(f"{result['rows']} rows -> {result['out']} ({result['format']}); w from the "
+                  f"{'run' if result['w_source'] == 'run' else 'GMM fitted here'}; flagged {flagged} ({rule})",
+                  highlight=False, soft_wrap=True)
+    if result["grid"]:
+        console.print(f"contact sheet -> {result['grid']}", highlight=False, soft_wrap=True)
+    if m is not None:
+        console.print(f"against the clean labels ({m['wrong']} of {m['known']} wrong): precision {_pct(m['precision'])}"
+                      f"  recall {_pct(m['recall'])}  AUROC {_auc(m['auroc'])}", highlight=False, soft_wrap=True)
+    cmp = result.get("compare")
+    if cmp is None:
+        return
+    from rich import box
+    from rich.table import Table
+
+    cv = cmp["cv"]
+    t = Table(title=f"wrong-label detection: the {result['method']} run vs cleanlab {cmp['cleanlab_version']} on "
+              f"{cv['folds']}-fold out-of-sample CE ({cv['arch']}, {cv['epochs']} epoch{'s' * (cv['epochs'] != 1)})",
+              box=box.SIMPLE_HEAD)
+    for col in ("method", "flagged", "precision", "recall", "F1", "AUROC", "train s", "score s"):
+        t.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    cl = cmp["cleanlab"]
+    train_s = result["run_train_seconds"]
+    rows = ((f"ccl ({result['method']})", m, flagged, train_s, result["seconds"]),
+            ("cleanlab", cl if "precision" in cl else None, cl["flagged"], cl["seconds_cv"], cl["seconds_cleanlab"]))
+    for name, mm, n, tr, sc in rows:
+        scores = ("n/a",) * 4 if mm is None else (_pct(mm["precision"]), _pct(mm["recall"]), _pct(mm["f1"]),
+                                                  _auc(mm["auroc"]))
+        t.add_row(name, str(n), *scores, "n/a" if tr is None else f"{tr:.0f}", f"{sc:.1f}")
+    console.print(t)
+    a = cmp["agreement"]
+    console.print(f"flagged by both {a['both']}, by ccl only {a['ccl_only']}, by cleanlab only {a['cleanlab_only']}",
+                  highlight=False, soft_wrap=True)
+
+
+def labels_cmd(
+    run: Path = typer.Argument(..., help="A run directory (its checkpoints/last.pt is read) or a checkpoint file.",
+                               show_default=False),
+    split: str = typer.Option("train", help="The split whose labels to rank."),
+    out: Optional[Path] = typer.Option(None, help="Output file, .csv or .parquet. [default: RUN/labels-SPLIT.parquet "
+                                       "with pyarrow installed, else RUN/labels-SPLIT.csv]", show_default=False),
+    top: Optional[int] = typer.Option(None, metavar="K", help="Print the K most suspect rows as a table.",
+                                      show_default=False),
+    rate: Optional[float] = typer.Option(None, metavar="R", help="Flag the R most suspect fraction instead of the "
+                                         "samples whose mean w is below the GMM's decision point 0.5.",
+                                         show_default=False),
+    grid: bool = typer.Option(False, help=f"Also write a PNG contact sheet (--out with .png) of the K most suspect "
+                              f"samples (--top K, else {GRID_DEFAULT}), each with its given and suggested class."),
+    compare_cleanlab: bool = typer.Option(False, help="Also run cleanlab's find_label_issues and label-quality "
+                                          "scores on out-of-sample probabilities from k-fold cross-validation (CE "
+                                          "with the run's architecture, epochs and batch size), and compare. Needs "
+                                          "cleanlab: pip install 'ccl[labels]'."),
+    folds: int = typer.Option(5, help="Cross-validation folds for --compare-cleanlab."),
+    cv_epochs: Optional[int] = typer.Option(None, help="Epochs per fold. [default: the run's]", show_default=False),
+    data: Optional[Path] = typer.Option(None, help="Shard directory. [default: the one the run trained on]",
+                                        show_default=False),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(256, help="Batch size of the prediction pass."),
+    workers: int = typer.Option(0, help="Loader workers."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the summary (metrics, times) here.",
+                                            show_default=False),
+):
+    """Rank a run's labels from most to least suspect: one row per sample with each net's w and prediction, the
+    refurbished and suggested label and a suspect flag; precision/recall/AUROC when the true labels are known."""
+    from rich.console import Console
+
+    err = Console(stderr=True)
+    try:
+        if top is not None and top < 1:
+            raise UserError(f"--top must be at least 1, got {top}")
+        result = labels_report(run, split, out=out, rate=rate, grid=(top or GRID_DEFAULT) if grid else None,
+                               cleanlab=compare_cleanlab, folds=folds, cv_epochs=cv_epochs, data=data,
+                               device=device, batch_size=batch_size, workers=workers,
+                               log=lambda s: err.print(s, highlight=False, soft_wrap=True))
+    except UserError as e:
+        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line, however long
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        err.print("[bold red]error:[/] interrupted; nothing was written", highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+    console = Console()
+    print_report(result, rate, console)
+    if top:
+        print_top(result["table"], top, console)
+    if json_out:
+        record = {k: v for k, v in result.items() if k != "table"}
+        json_out.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `ccl labels` to the app (train/cli.py calls this once)."""
+    app.command("labels")(labels_cmd)
