@@ -42,7 +42,7 @@ import numpy as np
 
 from ccl.errors import UserError
 from ccl.pipeline import manifest as schema
-from ccl.pipeline.manifest import FORMAT_VERSION
+from ccl.pipeline.manifest import FORMAT_VERSION  # noqa: F401 - the writer's format, re-exported
 
 MANIFEST = "manifest.json"
 LABELS_EXT = "labels.i64"
