@@ -325,6 +325,16 @@ def test_webvision_layout_mini_and_imagenet(tmp_path):
     convert("webvision", root, tmp_path / "m", opts(num_classes=50, skip_missing=True), log=quiet)
     m = ShardSet.open(tmp_path / "m").manifest
     assert m["skipped"] == [{"split": "train", "path": "google/q0001/000000.jpg", "reason": "missing file"}]
+    # Names in a list stay inside their folder; a binary list is a one-line error.
+    good = (info / "train_filelist_google.txt").read_text()
+    for bad in ("../../etc/passwd 3", "/etc/passwd 3", "google/../../x.jpg 1"):
+        (info / "train_filelist_google.txt").write_text(good + bad + "\n")
+        with pytest.raises(UserError, match="is not a path inside"):
+            convert("webvision", root, tmp_path / "m3", opts(num_classes=50), log=quiet)
+    (info / "train_filelist_google.txt").write_bytes(b"\xff\xfe\x00 binary")
+    with pytest.raises(UserError, match="not a text file"):
+        convert("webvision", root, tmp_path / "m3", opts(num_classes=50), log=quiet)
+    (info / "train_filelist_google.txt").write_text(good)
     with pytest.raises(UserError, match="val_filelist.txt is missing"):
         (info / "val_filelist.txt").unlink()
         convert("webvision", root, tmp_path / "m2", opts(num_classes=50), log=quiet)

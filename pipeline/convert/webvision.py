@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from ccl.errors import UserError
 from ccl.pipeline.convert.source import ConvertOptions, Item, Source, check_missing, image_files, require_dir
@@ -37,7 +37,14 @@ def read_webvision(src: Path, opts: ConvertOptions) -> Source:
 def _read_synsets(path: Path) -> list[str]:
     if not path.is_file():
         return []
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file") from None
 
 
 def _read_filelist(path: Path, base: Path, num_classes: int, fallback: Path | None = None) -> list[Item]:
@@ -46,7 +53,7 @@ def _read_filelist(path: Path, base: Path, num_classes: int, fallback: Path | No
     if not path.is_file():
         raise UserError(f"{path} is missing; expected a file list of 'relative/path.jpg label' lines")
     entries = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
@@ -55,6 +62,10 @@ def _read_filelist(path: Path, base: Path, num_classes: int, fallback: Path | No
         label = int(parts[1])
         if label < 0:
             raise UserError(f"{path}:{lineno}: label {label} is negative")
+        rel = PurePosixPath(parts[0])
+        if rel.is_absolute() or ".." in rel.parts or "\\" in parts[0]:
+            # A list is data: its names stay inside the folder they are relative to.
+            raise UserError(f"{path}:{lineno}: {parts[0]!r} is not a path inside {base} (absolute, or with '..')")
         if label < num_classes:
             entries.append((parts[0], label))
     if entries and fallback is not None and not (base / entries[0][0]).exists() and (fallback / entries[0][0]).exists():
