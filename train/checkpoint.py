@@ -91,13 +91,18 @@ def check_identity(saved: dict, current: dict, path: Path, fields: tuple[str, ..
 
 
 def load_method_state(method: torch.nn.Module, state: dict, path: Path, strict: bool = True) -> None:
-    """The method's networks and per-sample buffers; a shape that differs (other data, other model) is one line."""
+    """The method's networks and per-sample buffers; anything that does not fit (other data, another model, a
+    checkpoint of an older layout) is one line naming the first differences."""
     own = method.state_dict()
     for key, value in state.items():
         if key in own and own[key].shape != value.shape:
             raise UserError(f"checkpoint {path} does not fit this run: {key} has shape {tuple(value.shape)} there, "
                             f"{tuple(own[key].shape)} here")
-    try:
-        method.load_state_dict(state, strict=strict)
-    except RuntimeError as e:
-        raise UserError(f"checkpoint {path} does not fit this run: {str(e).splitlines()[0]}") from None
+    missing = sorted(set(own) - set(state)) if strict else []
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = [f"{what} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                 for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise UserError(f"checkpoint {path} does not fit this run ({'; '.join(parts)}): "
+                        "it is from another method, model or version")
+    method.load_state_dict(state, strict=strict)

@@ -101,6 +101,9 @@ def train(
                                        show_default=False),
     log_every: int = typer.Option(_D.log_every, help="Steps between reads of the logged losses (one host sync each)."),
     eval_every: int = typer.Option(_D.eval_every, help="Epochs between test evaluations (and the last epoch)."),
+    track_every: int = typer.Option(_D.track_every, help="Epochs between logging M_embed, M_logit and the variance "
+                                    "entropy (ccl analyze's measures) on a fixed test subset; 0: off."),
+    track_samples: int = typer.Option(_D.track_samples, help="Size of that test subset."),
     recipe: Optional[str] = typer.Option(None, help="A published setting to start from (`ccl recipes` lists them); "
                                          "options given here override it.", show_default=False),
     config: Optional[Path] = typer.Option(None, help="JSON file of options (method sections as nested objects); "
@@ -272,8 +275,10 @@ def bench_train_cmd(
 
 # Commands that live beside their engines, each added by its module's register(app).
 from ccl.pipeline.views import register as _register_views  # noqa: E402
+from ccl.train.analyze.cli import register as _register_analyze  # noqa: E402
 
 _register_views(app)
+_register_analyze(app)
 
 __all__ = ["app"]
 

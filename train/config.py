@@ -179,6 +179,8 @@ class TrainConfig:
     out: str = "runs"
     name: str | None = None
     eval_every: int = 1
+    track_every: int = 0  # epochs between the contamination measures on a test subset (ccl analyze's); 0: off
+    track_samples: int = 512
     log_every: int = 50  # steps between host reads of the logged losses (and the non-finite check)
 
     def validate(self) -> "TrainConfig":
@@ -202,6 +204,7 @@ class TrainConfig:
         _check(self.workers >= 0, "workers must be >= 0")
         _check(0 <= self.val_fraction <= 0.5, f"val fraction must lie in [0, 0.5], got {self.val_fraction}")
         _check(self.eval_every >= 1 and self.log_every >= 1, "eval_every and log_every must be at least 1")
+        _check(self.track_every >= 0 and self.track_samples >= 2, "track_every must be >= 0, track_samples >= 2")
         for section in SECTIONS:
             getattr(self, section).validate()
         return self

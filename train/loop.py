@@ -337,6 +337,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
     has_clean = bool((clean >= 0).all())
     run.model = dist.wrap(method, sync_bn=cfg.sync_bn)
 
+    tracker = None
+    if cfg.track_every:  # ccl analyze's measures during training, on a fixed test subset
+        from ccl.train.analyze import TrackSet
+
+        tracker = TrackSet.from_shards(run.shards, "test", size=cfg.track_samples, seed=cfg.seed, device=device)
+
     bar = _progress(progress)
     with bar:
         for epoch in range(start, cfg.epochs):
@@ -369,6 +375,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
                 record |= evaluate(run, test_loader, ctx)
                 if val_loader is not None:
                     record |= {f"val_{k}": v for k, v in evaluate(run, val_loader, ctx, noisy=True).items()}
+            if tracker is not None and (epoch + 1) % cfg.track_every == 0:
+                from ccl.train.analyze import track
+
+                with ctx:
+                    record |= track(method.nets, tracker.batches(run.aug.eval_view), seed=cfg.seed)
             if has_clean and main:
                 record |= method.detection(labels, clean)
             train_time = ep["train_time"]

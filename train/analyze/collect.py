@@ -7,12 +7,14 @@ terms act on (untrained in CE and RoLR, which never use it).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from ccl.model import eval_mode
 from ccl.train.analyze import metrics as M
 
 SPACES = ("backbone", "head")
@@ -28,14 +30,12 @@ def forward_arrays(nets: nn.ModuleList, images: Iterable[torch.Tensor], space: s
     """
     if space not in SPACES:
         raise ValueError(f"unknown embedding space {space!r}")
-    modes = [net.training for net in nets]
-    nets.eval()
     caught: list[torch.Tensor] = []
     hooks = [net.backbone.register_forward_hook(lambda m, i, o: caught.append(o)) for net in nets] \
         if space == "backbone" else []
     logits: list[list[np.ndarray]] = [[] for _ in nets]
     embeds: list[list[np.ndarray]] = [[] for _ in nets]
-    try:
+    with eval_mode(nets), _removing(hooks):
         for x in images:
             for k, net in enumerate(nets):
                 caught.clear()
@@ -45,11 +45,6 @@ def forward_arrays(nets: nn.ModuleList, images: Iterable[torch.Tensor], space: s
                 embeds[k].append(e.float().cpu().numpy())
             if on_batch:
                 on_batch()
-    finally:
-        for h in hooks:
-            h.remove()
-        for net, mode in zip(nets, modes):
-            net.train(mode)
     return [np.concatenate(v) for v in logits], [np.concatenate(v) for v in embeds]
 
 
@@ -105,3 +100,12 @@ class TrackSet:
     def batches(self, eval_view: Callable[[torch.Tensor], torch.Tensor], batch_size: int = 256):
         for i in range(0, len(self.labels), batch_size):
             yield eval_view(self.images[i : i + batch_size]), self.labels[i : i + batch_size]
+
+
+@contextlib.contextmanager
+def _removing(hooks):
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
