@@ -274,11 +274,15 @@ def bench_train_cmd(
 
 
 # Commands that live beside their engines, each added by its module's register(app).
+from ccl.pipeline.check import register as _register_check  # noqa: E402
 from ccl.pipeline.views import register as _register_views  # noqa: E402
 from ccl.train.analyze.cli import register as _register_analyze  # noqa: E402
+from ccl.train.bench.scale import register as _register_bench_scale  # noqa: E402
+from ccl.train.labels import register as _register_labels  # noqa: E402
 
-_register_views(app)
-_register_analyze(app)
+for _register in (_register_views, _register_check, _register_analyze, _register_labels):
+    _register(app)
+_register_bench_scale(bench_app)
 
 __all__ = ["app"]
 
