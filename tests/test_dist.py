@@ -172,6 +172,46 @@ def _rank_pid(agent: int, rank: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The scale path (ccl bench scale)
+
+
+@pytest.mark.timeout(300)
+def test_bench_scale_measures_and_the_vectorised_label_scan_agrees(digits, tmp_path):
+    import numpy as np
+    from ccl.pipeline.shards import ShardSet, scan_shard
+    from ccl.train.bench.scale import bench_scale, label_scan_vectorised
+    from rich.console import Console
+
+    with open(os.devnull, "w") as quiet:
+        rows = bench_scale((3000,), 1000, tmp_path / "sets", keep=True, json_path=tmp_path / "s.json",
+                           console=Console(file=quiet))
+    (row,) = rows
+    assert row["n"] == 3000 and row["shards"] == 3 and row["buffers_mb"] == pytest.approx(4 * 3000 * 4 / 2**20)
+    assert row["mean_w_clean"] > row["mean_w_noisy"]  # the GMM separates the two modes
+    assert json.loads((tmp_path / "s.json").read_text())["rows"][0]["n"] == 3000
+    # The proposed scan gives scan_shard's arrays on the synthetic set and on real shards (with clean labels).
+    for root in (tmp_path / "sets" / "n3000-s1000", Path(digits)):
+        shards = ShardSet.open(root)
+        for split in shards.splits:
+            meta = shards.manifest["splits"][split]
+            for rec in meta["shards"]:
+                slow = scan_shard(root, rec, split, shards.num_classes, meta["has_clean"], verify=False)
+                fast = label_scan_vectorised(root, rec, shards.num_classes, meta["has_clean"])
+                assert fast is not None
+                for a, b in zip((slow.offset, slow.size, slow.png, slow.label, slow.clean), fast):
+                    assert np.array_equal(a, b)
+    # An index it does not recognise (a sample's labels disagree) is left to scan_shard's loop: None.
+    root = tmp_path / "sets" / "n3000-s1000"
+    rec = ShardSet.open(root).manifest["splits"]["train"]["shards"][0]
+    tar = root / rec["file"]
+    data = bytearray(tar.read_bytes())
+    data[512 + 1024 * 7 + 512 + 8] ^= 1  # sample 7's label in labels.i64
+    tar.write_bytes(bytes(data))
+    assert label_scan_vectorised(root, rec, 1000, False) is None
+    assert 7 in scan_shard(root, rec, "train", 1000, False, verify=False).damaged
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Workers: run under torchrun by the tests above (`python tests/test_dist.py NAME`)
 
 
