@@ -26,7 +26,7 @@ from ccl.model import eval_mode
 from ccl.model.heads import build_tcl_nets
 from ccl.pipeline.augment import apply_mixup, draw_mixup
 from ccl.pipeline.batch import Batch
-from ccl.train import losses
+from ccl.train import dist, losses
 from ccl.train.losses.confidence import tcl_centres
 from ccl.train.losses.tcl import clean_fraction, tcl_code_confidence, tcl_total
 from ccl.train.methods.base import Method, Parts, Rng, Step
@@ -101,6 +101,11 @@ class TCL(Method):
                 logits, z = net(x)
                 emb[batch.index], probs[batch.index] = z.float(), F.softmax(logits.float(), dim=1)
                 labels[batch.index] = batch.label
+        # Under torchrun each rank read its own samples (zeros elsewhere): summed, every rank holds every sample's
+        # embedding, so the centres come from all ranks' embeddings and every rank fits the same GMM. This moves
+        # N x (D + C + 1) numbers once per epoch; at WebVision size the [C, D] sums of P^T Z would do instead.
+        for t in (emb, probs, labels):
+            dist.merge_owned_(t)
         self.centres.copy_(tcl_centres(emb, probs))  # tcl.py l.194, l.202
         w = tcl_code_confidence(emb, probs, labels, self.cfg.tcl.temp, per_class=self.cfg.tcl.sep_gmm,
                                 seed=self.cfg.seed)
