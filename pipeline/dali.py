@@ -90,6 +90,7 @@ class DaliLoader(Loader):
         # Fixed-size sets hold images of the manifest's size (the converter writes them so, and the scan leaves out
         # any of another size), so resize only on request.
         self.resize = self.variable or tuple(shardset.image_size) != self.hw
+        self.root = shardset.root
         self.tars = [str(p) for p in shardset.shards(split)]
         self.idx_files = self._index_files(shardset, split)
         self.initial_fill = max(1, min(int(initial_fill), self.num_samples))
@@ -189,7 +190,8 @@ class DaliLoader(Loader):
             lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             detail = next((ln for ln in lines if ln.startswith("Failed")), lines[-1] if lines else "")
             raise UserError(
-                f"DALI failed reading split '{self.split}': {detail} (the torch backend skips corrupt images)"
+                f"DALI failed reading split '{self.split}': {detail} (`ccl check {self.root} --backend dali` lists the "
+                "images DALI cannot decode; the torch backend skips them)"
             ) from None
 
     def __iter__(self) -> Iterator[Batch]:

@@ -24,9 +24,11 @@ formats (SRC layout):
   folder     ROOT/<class>/<image>; with ROOT/train/ and ROOT/test/ (or val/) those are the splits,
              otherwise --test-fraction of each class is held out (seeded)
 
-Output: OUT/{split}-NNNNNN.tar, a DALI index .idx per tar, OUT/manifest.json (written last).
-Undecodable images are skipped and listed in the manifest (--strict: an error). A file list naming a
-missing image is an error (--skip-missing: skipped and listed). Bad input exits with status 2.
+Output: OUT/{split}-NNNNNN.tar, a DALI index .idx per tar, OUT/manifest.json (written last, with the sha256
+of every tar and index file). Undecodable images are skipped and listed in the manifest (--strict: an
+error); images that decode in PIL but fail the loaders' structure check (or are not JPEG/PNG) are stored as
+PNG and listed under 'reencoded'. A file list naming a missing image is an error (--skip-missing: skipped
+and listed). Bad input exits with status 2. Check a converted set with `ccl check OUT`.
 """
 
 
