@@ -143,6 +143,7 @@ def test_a_killed_rank_ends_the_job_and_the_checkpoint_resumes(digits, tmp_path)
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+    print(f"the job exited {took:.1f} s after rank 1 was killed, status {proc.returncode}")
     assert proc.returncode != 0, err[-3000:]
     assert "FAILED" in err or "ChildFailedError" in err, err[-3000:]
     assert took < 120
