@@ -99,6 +99,10 @@ def train(
     out: Path = typer.Option(Path(_D.out), help="Parent of the run directory."),
     name: Optional[str] = typer.Option(None, help="Run name. Default: DATASET-METHOD-sSEED, numbered if taken.",
                                        show_default=False),
+    dist_backend: str = typer.Option(_D.dist_backend, help="Under torchrun: the process group's backend: auto "
+                                     "(nccl on CUDA, gloo on CPU), nccl or gloo."),
+    sync_bn: bool = typer.Option(_D.sync_bn, "--sync-bn/--no-sync-bn", help="Under torchrun: SyncBatchNorm, "
+                                 "batch statistics over every process's batch (CUDA only)."),
     log_every: int = typer.Option(_D.log_every, help="Steps between reads of the logged losses (one host sync each)."),
     eval_every: int = typer.Option(_D.eval_every, help="Epochs between test evaluations (and the last epoch)."),
     track_every: int = typer.Option(_D.track_every, help="Epochs between logging M_embed, M_logit and the variance "

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ccl.pipeline.batch import Batch
-from ccl.train import losses
+from ccl.train import dist, losses
 from ccl.train.losses.contrastive import ccl_contrastive, ccl_contrastive_one
 from ccl.train.methods.base import Parts, Step, TwinMethod
 
@@ -26,13 +26,19 @@ class CCL(TwinMethod):
         classes = {m: losses.cclrl_classes(self.w[m, batch.index], batch.label, F.softmax(peer[m]["logits_w"], dim=1),
                                            self.num_classes, cfg.ablations) for m in own}
         if len(own) == 2:  # joint: both nets' four similarity matrices (S_00, S_11, S_01, S_10) in one kernel call
-            c = ccl_contrastive(own[0]["z_s"], own[0]["z_w"], own[1]["z_s"], own[1]["z_w"], classes[0], classes[1],
-                                tau=cfg.tau, impl=self.cfg.kernel, detach_peer=True)
-            cont = {m: {key: c[f"{key}{m}"] for key in CONTRASTIVE} for m in own}
+            zs = (own[0]["z_s"], own[0]["z_w"], own[1]["z_s"], own[1]["z_w"], classes[0], classes[1])
         else:  # alternate: net m against its fixed peer
             (m,) = own
-            cont = {m: ccl_contrastive_one(own[m]["z_s"], own[m]["z_w"], peer[m]["z_w"], classes[m], tau=cfg.tau,
-                                           impl=self.cfg.kernel)}
+            zs = (own[m]["z_s"], own[m]["z_w"], peer[m]["z_w"], classes[m])
+        rows = slice(None)
+        if self.cfg.gather_negatives:  # under torchrun: the global batch, with a gradient to this rank's rows
+            *zs, rows = dist.global_batch(*zs)
+        if len(own) == 2:
+            c = ccl_contrastive(*zs, tau=cfg.tau, impl=self.cfg.kernel, detach_peer=True)
+            cont = {m: {key: c[f"{key}{m}"][rows] for key in CONTRASTIVE} for m in own}
+        else:
+            c = ccl_contrastive_one(*zs, tau=cfg.tau, impl=self.cfg.kernel)
+            cont = {m: {key: c[key][rows] for key in CONTRASTIVE}}
         parts, loss = Parts(), torch.zeros((), device=batch.label.device)
         for m in own:
             out = losses.ccl_total(
