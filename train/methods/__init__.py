@@ -9,10 +9,11 @@ from ccl.errors import UserError
 from ccl.train.methods.base import Method, Rng, Step
 from ccl.train.methods.ccl import CCL
 from ccl.train.methods.ce import CE
+from ccl.train.methods.dividemix import DivideMix
 from ccl.train.methods.rolr import RoLR
 from ccl.train.methods.tcl import TCL
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (CCL, CE, RoLR, TCL)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (CCL, CE, RoLR, TCL, DivideMix)}
 
 
 def build_method(cfg, num_classes: int, num_train: int, arch: str, small_input: bool) -> Method:
