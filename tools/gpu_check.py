@@ -381,6 +381,8 @@ class Run:
             "started": self.started.isoformat(timespec="seconds"),
             "finished": finished,
             "seconds": round(self.elapsed(), 1),
+            "cpu_s": round(_cpu_seconds(), 1),
+            "load_average": [round(x, 1) for x in os.getloadavg()],  # other jobs' share of the machine
             "budget_s": self.budget,
             "interrupted": self.interrupted,
             "passed": finished and not failed,  # a run still going, or cut short, has not passed
@@ -446,9 +448,18 @@ def main_run(out: Path, mode: str, only: set[str] | None, budget: float | None) 
     return rep["exit_code"]
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of every child it has reaped (with their reaped children): the delta over an
+    item is that item's CPU time, which is what a smaller or busier machine pays for it."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                 resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+
 def _run_items(run: Run, wanted: list[str]) -> None:
     for name in ITEMS:
-        t0 = time.monotonic()
+        t0, cpu0 = time.monotonic(), _cpu_seconds()
         if name not in wanted and not (name == "train_amp" and "train_compile" in wanted):
             result = {"status": "skipped", "reason": "not selected (--only)"}
         elif name != "versions" and run.mode != "smoke" and not run.cuda:
@@ -463,6 +474,7 @@ def _run_items(run: Run, wanted: list[str]) -> None:
             except Exception as e:  # a bug of this script: that item fails, the others still run
                 result = {"status": "failed", "reason": f"{type(e).__name__}: {e}",
                           "details": {"traceback": traceback.format_exc()[-3000:]}}
+        result["cpu_s"] = round(_cpu_seconds() - cpu0, 1)
         run.record(name, result, time.monotonic() - t0)
 
 
@@ -1317,10 +1329,12 @@ def markdown(rep: dict) -> str:
     verdict = "passed" if rep["passed"] else "FAILED: " + ", ".join(rep["failed"])
     state = "" if rep["finished"] else " (unfinished)"
     lines = [f"# GPU check: {verdict}", "",
-             f"{rep['started']}, {where}, mode `{rep['mode']}`, {rep['seconds']:.0f} s{state}, "
-             f"commit {str(rep.get('git_sha'))[:10]}", "",
-             "| item | status | s | summary |", "|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['status']} | {r['seconds']:.0f} | {_summary(r)} |" for r in rep["items"]]
+             f"{rep['started']}, {where}, mode `{rep['mode']}`, {rep['seconds']:.0f} s{state} "
+             f"({rep['cpu_s']:.0f} CPU s, load average {rep['load_average'][0]}), "
+             f"commit {str(rep.get('git_sha'))[:10]}",
+             "", "| item | status | s | CPU s | summary |", "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['status']} | {r['seconds']:.0f} | {r.get('cpu_s', 0):.0f} | {_summary(r)} |"
+              for r in rep["items"]]
     rows = {r["name"]: (r.get("details") or {}).get("rows") or [] for r in rep["items"]}
 
     train = [x for x in rows["bench_train"] if "images_per_s" in x]
