@@ -75,7 +75,7 @@ def test_smoke_passes_and_reports_every_item(smoke):
 
 @pytest.mark.timeout(SMOKE_TIMEOUT + 60)
 def test_smoke_checks_compare_what_they_claim(smoke):
-    _, report, items, _ = smoke
+    _, _, items, _ = smoke
     versions = items["versions"]["details"]
     assert versions["ccl_code"] == str(ROOT / "train")  # this checkout's code, reached through the shim
     assert "ccl=links" in versions["install"]

@@ -737,7 +737,6 @@ def _kernel_errors(got, want) -> dict:
 
 def child_augment(cfg: dict, cuda: bool) -> tuple[dict, list[str]]:
     import torch
-
     from ccl.pipeline.augment import Augment
 
     dev = torch.device("cuda" if cuda else "cpu")
@@ -754,7 +753,7 @@ def child_augment(cfg: dict, cuda: bool) -> tuple[dict, list[str]]:
         draws, dev_repeat, dev_vs_cpu, pixels = {}, {}, {}, {}
         for view in ("weak", "strong", "contrastive"):
 
-            def sample(aug, g, d, view=view):
+            def sample(aug, g, d, view=view, n=n, in_hw=in_hw):
                 return getattr(aug, f"sample_{view}")(n, in_hw, generator=g, device=d)
 
             # The same seed in a CPU generator: the parameters are drawn on the CPU and moved to the device.
@@ -822,8 +821,6 @@ def _param_diffs(p, q, prefix: str = "") -> dict:
     """Every field of two parameter dataclasses (nested ones too): True when equal (integers and booleans exactly,
     floats within AUG_PARAM_TOL in their own units), else how they differ."""
     import dataclasses
-
-    import torch
 
     out = {}
     for f in dataclasses.fields(p):
