@@ -77,17 +77,22 @@ class RoLR(TwinMethod):
     def confidence_from_losses(self, sample_loss: torch.Tensor) -> torch.Tensor:
         """RoLR.py l.200-212: each net's losses min-max normalised and appended to its history; the GMM (RoLR's
         settings) fits the mean of the last `loss_history` entries (the code averages 5 at 90% noise, else uses
-        the current losses alone); each net's w comes from its peer's fit."""
-        lo = sample_loss.amin(dim=1, keepdim=True)
-        span = sample_loss.amax(dim=1, keepdim=True) - lo
+        the current losses alone); each net's w comes from its peer's fit. Normalisation and GMM see the trained
+        samples only; a sample held out for validation keeps w = 1."""
+        active = self.active
+        x = sample_loss[:, active]  # [nets, n_active]
+        lo = x.amin(dim=1, keepdim=True)
+        span = x.amax(dim=1, keepdim=True) - lo
         normalised = torch.where(span > 0, (sample_loss - lo) / span.clamp_min(1e-30), torch.zeros_like(sample_loss))
         k = self.loss_history.shape[1]
         self.loss_history[:, int(self.history_count) % k] = normalised  # [nets, N] into the oldest slot
         self.history_count += 1
-        used = self.loss_history[:, : min(int(self.history_count), k)].mean(dim=1)  # [nets, N]
-        peer = [(m + 1) % self.num_nets for m in range(self.num_nets)]
-        w = [torch.from_numpy(rolr_gmm(used[p].cpu().numpy(), seed=self.cfg.seed)) for p in peer]
-        return torch.stack(w).to(sample_loss)
+        used = self.loss_history[:, : min(int(self.history_count), k)].mean(dim=1)[:, active]  # [nets, n_active]
+        w = torch.ones_like(sample_loss)
+        for m in range(self.num_nets):
+            peer = (m + 1) % self.num_nets
+            w[m, active] = torch.from_numpy(rolr_gmm(used[peer].cpu().numpy(), seed=self.cfg.seed)).to(w)
+        return w
 
 
 def rolr_gmm(x: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -106,9 +106,13 @@ class TCL(Method):
         # N x (D + C + 1) numbers once per epoch; at WebVision size the [C, D] sums of P^T Z would do instead.
         for t in (emb, probs, labels):
             dist.merge_owned_(t)
-        self.centres.copy_(tcl_centres(emb, probs))  # tcl.py l.194, l.202
-        w = tcl_code_confidence(emb, probs, labels, self.cfg.tcl.temp, per_class=self.cfg.tcl.sep_gmm,
-                                seed=self.cfg.seed)
-        self.w[0] = torch.from_numpy(w).to(self.w)
+        # The centres, the GMM and the clean fraction come from the samples TCL trains on (its memory loader reads
+        # the training set); a sample held out for validation keeps w = 1.
+        active = self.active
+        self.centres.copy_(tcl_centres(emb[active], probs[active]))  # tcl.py l.194, l.202
+        w = tcl_code_confidence(emb[active], probs[active], labels[active], self.cfg.tcl.temp,
+                                per_class=self.cfg.tcl.sep_gmm, seed=self.cfg.seed)
+        self.w[0] = 1.0
+        self.w[0, active] = torch.from_numpy(w).to(self.w)
         self.clean_fraction.fill_(clean_fraction(w))
         self.has_w.fill_(True)
