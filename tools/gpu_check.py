@@ -440,8 +440,7 @@ def main_run(out: Path, mode: str, only: set[str] | None, budget: float | None) 
         rep = run.write(finished=False)
         print(f"gpu check interrupted after {rep['seconds']:.0f} s: {out / 'gpu_check.json'}", flush=True)
         return rep["exit_code"]
-    if run.data_proc is not None:
-        run.data_proc.wait()
+    end_children()  # a data build still going is one that no item asked for (no CUDA, say)
     rep = run.write(finished=True)
     verdict = "PASSED" if rep["passed"] else f"FAILED ({', '.join(rep['failed'])})"
     print(f"gpu check {verdict} in {rep['seconds']:.0f} s: {out / 'gpu_check.json'}", flush=True)
@@ -519,6 +518,8 @@ def make_data(out: Path, mode: str, names: list[str]) -> None:
     from ccl.pipeline.convert import ConvertOptions, convert
 
     cpus = os.cpu_count() or 1
+    for partial in (out / "data").glob(".raw-*"):  # left by a build that was cut short
+        shutil.rmtree(partial, ignore_errors=True)
     for name in names:
         spec = MODES[mode]["sets"][name]
         final = set_path(out, name, spec)
