@@ -1193,7 +1193,7 @@ def item_bench_train(run: Run) -> dict:
             problems.append(f"{name}: {p.failure() or 'no metrics'}")
             rows.append(row)
             continue
-        last = records[-1]  # past the warm-up epoch and CCL's first (autotuning) epoch where epochs allow
+        last = records[-1]  # past the warm-up epoch and CCL's first (Triton compiles then) where epochs allow
         row |= {"timed_epoch": last["epoch"], "images_per_s": round(last["images_per_s"], 1),
                 # the loop counts an image once per pass, and alternate makes two passes: per epoch is comparable
                 "epoch_images_per_s": round(cfg["sets"][data][2] / max(last["epoch_time"], 1e-9), 1),
