@@ -262,8 +262,8 @@ def test_tcl_total_matches_the_official_objective(float64, scales):
     out = tcl_total(*inputs, temp=0.25, scale1=scales[0], scale2=scales[1])
     ref = ref_tcl_step(*inputs, 0.25, *scales)
     check(out["loss"], ref, [l1, l2, lm, z1, z2, zm])
-    assert math.isclose(float(out["loss"]), float(sum(out[k] for k in ("ctr", "cross", "mix_ce", "ent", "ne",
-                                                                       "align"))), rel_tol=1e-12)
+    parts = sum(out[k].detach() for k in ("ctr", "cross", "mix_ce", "ent", "ne", "align"))
+    assert math.isclose(float(out["loss"].detach()), float(parts), rel_tol=1e-12)
     # a device-scalar scale (the clean-fraction buffer) gives the same as the float
     as_tensor = tcl_total(*inputs, temp=0.25, scale1=torch.tensor(scales[0]), scale2=torch.tensor(scales[1]))
     assert torch.allclose(as_tensor["loss"], out["loss"])

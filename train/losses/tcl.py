@@ -63,7 +63,8 @@ def tcl_total(logits1: torch.Tensor, logits2: torch.Tensor, logits_mix: torch.Te
     paper's formula). With w = 1 and both scales 1 every target is the noisy one-hot label, mixed like the images:
     the code's warm-up loss (tcl_wrapper.py l.122-126).
 
-    Inputs: logits1, logits2 [N, C] and z1, z2 [N, D] (unit rows) of the two contrastive views; logits_mix
+    Inputs: logits1, logits2 [N, C] and z1, z2 [N, D] (unit rows) of the two contrastive views (z1, z2 may be the
+    global batch [N_all, D] gathered over ranks, as the code's InfoNCE is); logits_mix
     [3N, C] and z_mix [3N, D] of the mixed cat(weak, view 1, view 2); labels [N] noisy; w [N] (or a scalar) the
     label confidence; centres [C, D] the class centres of the last estimate (a fixed buffer); lam, perm [3N] the
     mixup draws of the images. scale1 and scale2 are floats or 0-d tensors (a buffer: no host read).

@@ -80,6 +80,8 @@ class TCL(Method):
         logits, z = self.nets[0](torch.cat([weak, apply_mixup(three, lam, perm), x1, x2]))  # [6N, C], [6N, D]
         _, l_mix, l1, l2 = logits.float().split([n, 3 * n, n, n])
         _, z_mix, z1, z2 = z.split([n, 3 * n, n, n])
+        if self.cfg.gather_negatives:  # under torchrun: InfoNCE over the global batch, as the code's GatherLayer
+            z1, z2, _ = dist.global_batch(z1, z2)  # (tcl_wrapper.py SimCLRWrapper.forward_contrastive_loss)
         out = tcl_total(l1, l2, l_mix, z1, z2, z_mix, batch.label, w, self.centres, lam, perm, temp=cfg.temp,
                         scale1=scale1, scale2=scale2, ctr_weight=cfg.ctr_weight, cls_weight=cfg.cls_weight,
                         ent_weight=cfg.ent_weight, ne_weight=cfg.ne_weight, align_weight=cfg.align_weight)
