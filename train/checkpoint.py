@@ -40,6 +40,7 @@ def rng_state(rng) -> dict:
     }
     if rng is not None:
         state["generator"] = rng.device.get_state()
+        state["generator_device"] = rng.device.device.type
         state["host"] = rng.host.getstate()
     return state
 
@@ -52,7 +53,10 @@ def set_rng_state(state: dict, rng) -> None:
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if rng is not None:
-        rng.device.set_state(state["generator"])
+        if state.get("generator_device", rng.device.device.type) == rng.device.device.type:
+            rng.device.set_state(state["generator"])
+        else:  # a CUDA generator's state does not fit a CPU one (GPU checkpoint resumed on CPU): a seeded new stream
+            rng.device.manual_seed(int(torch.as_tensor(state["generator"]).to(torch.int64).sum()))
         rng.host.setstate(_tuples(state["host"]))
 
 
