@@ -91,6 +91,25 @@ def test_refurbished_label_from_summaries_is_the_argmax_of_eq_10():
     assert (ours[50:100] == labels.numpy()[50:100]).all()
 
 
+def test_confidence_never_rises_with_the_loss():
+    w = np.array([0.9, 0.2, 0.8, 0.95, 0.1])
+    loss = np.array([1.0, 2.0, 3.0, 0.5, 2.5])
+    assert L.monotone_confidence(w, loss).tolist() == [0.9, 0.2, 0.1, 0.95, 0.1]
+
+
+def test_estimated_w_splits_two_loss_clusters_at_the_gmm_decision_point():
+    rng = np.random.default_rng(0)
+    clean = rng.gamma(2.0, 0.05, 700)  # small losses, a long right tail
+    noisy = rng.normal(3.0, 0.3, 300).clip(0)
+    ce = np.concatenate([clean, noisy]).astype(np.float32)
+    wrong = np.r_[np.zeros(700, bool), np.ones(300, bool)]
+    w, w_ens = L.estimate_w([ce, ce[::-1].copy()], ce)
+    assert w.shape == (2, 1000) and w_ens.shape == (1000,)
+    assert ((w_ens < 0.5) == wrong).mean() > 0.98
+    assert np.allclose(w[1], w_ens)  # net 1's w comes from its peer's (net 0's) losses
+    assert (np.diff(w_ens[np.argsort(ce)]) <= 0).all()
+
+
 def test_issue_metrics_count_wrong_labels_as_positives():
     given = np.array([0, 1, 2, 3, 4, 5])
     clean = np.array([0, 2, 2, 0, 4, -1])  # indices 1 and 3 are wrong; 5 is unknown
@@ -142,15 +161,16 @@ def test_csv_round_trips_sorted_and_its_metrics_match_a_hand_computation(ccl_run
     assert sorted(t["index"].tolist()) == list(range(n))
     assert (t["given"] == label[t["index"]]).all()  # row for row, the shard's labels
     assert list(t["key"][:3]) == [f"{i:09d}" for i in t["index"][:3]]
-    assert {"w0", "w1", "pred0", "pred1", "prob0", "prob1", "pred_ens", "refurbished", "suggested"} <= set(t)
+    assert {"w0", "w1", "w_ens", "pred0", "pred1", "prob0", "prob1", "pred_ens", "refurbished", "suggested"} <= set(t)
     assert np.allclose(t["w_mean"], (t["w0"] + t["w1"]) / 2, atol=1e-5)
-    # Sorted by mean w, ties by the ensemble's probability of the given label.
-    key = np.stack([t["w_mean"], t["prob_given"]], 1)
+    # Sorted by the ensemble's w, ties by its probability of the given label.
+    key = np.stack([t["w_ens"], t["prob_given"]], 1)
     assert all(tuple(key[i]) <= tuple(key[i + 1]) for i in range(n - 1))
-    # The flag is the GMM's decision point, and w is the run's own.
-    assert (t["suspect"] == (t["w_mean"] < 0.5)).all()
-    run, _ = __import__("ccl.train.loop", fromlist=["restore"]).restore(f"{ccl_run}/checkpoints/last.pt", device="cpu")
-    assert np.allclose(t["w0"], run.method.w[0].numpy()[t["index"]], atol=1e-5)
+    # That w never trusts a label more than one the ensemble finds likelier: monotone in the ensemble's CE.
+    by_p = np.argsort(t["prob_given"], kind="stable")
+    assert (np.diff(t["w_ens"][by_p]) >= 0).all()
+    # The flag is the GMM's decision point.
+    assert (t["suspect"] == (t["w_ens"] < 0.5)).all()
     # A suspect row suggests a class other than its given one; every other row keeps its label.
     assert (t["suggested"][t["suspect"]] != t["given"][t["suspect"]]).all()
     assert (t["suggested"][~t["suspect"]] == t["given"][~t["suspect"]]).all()
@@ -161,6 +181,22 @@ def test_csv_round_trips_sorted_and_its_metrics_match_a_hand_computation(ccl_run
     assert 0 < t["suspect"].sum() < n
     assert f"precision {100 * precision:.1f}%" in r.output and f"recall {100 * recall:.1f}%" in r.output, r.output
     assert "AUROC" in r.output
+
+
+def test_w_from_the_run_is_the_checkpoints_own(ccl_run, tmp_path):
+    from ccl.train.loop import restore
+
+    out = tmp_path / "run.csv"
+    r = cli(ccl_run, "--w", "run", "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert "w the run's own" in r.output
+    t = L.read_table(out)
+    run, _ = restore(f"{ccl_run}/checkpoints/last.pt", device="cpu")
+    for m in (0, 1):
+        assert np.allclose(t[f"w{m}"], run.method.w[m].numpy()[t["index"]], atol=1e-6)
+    assert np.allclose(t["w_ens"], t["w_mean"]) and (t["suspect"] == (t["w_mean"] < 0.5)).all()
+    assert all((t["w_mean"][i], t["prob_given"][i]) <= (t["w_mean"][i + 1], t["prob_given"][i + 1])
+               for i in range(len(t["rank"]) - 1))
 
 
 def test_rate_flags_that_fraction_and_top_prints_that_many_rows(ccl_run, tmp_path):
@@ -192,10 +228,14 @@ def test_single_net_ce_gets_an_estimated_w(ce_run, digits, tmp_path):
     out = tmp_path / "ce.csv"
     r = cli(ce_run, "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
-    assert "GMM fitted here" in r.output
+    assert "w fitted on the eval view" in r.output
     t = L.read_table(out)
     assert "w1" not in t and "pred1" not in t
-    assert np.allclose(t["w_mean"], t["w0"]) and (t["pred_ens"] == t["pred0"]).all()
+    # One net is its own peer and its own ensemble: one w, three names.
+    assert np.allclose(t["w_mean"], t["w0"]) and np.allclose(t["w_ens"], t["w0"])
+    assert (t["pred_ens"] == t["pred0"]).all()
+    r = cli(ce_run, "--w", "run", "--device", "cpu")
+    assert r.exit_code == 2 and "a ce run holds none" in r.output
     assert 0 < t["suspect"].sum() < len(t["rank"])
     label, clean = truth(digits)
     wrong = label[t["index"]] != clean[t["index"]]
@@ -209,7 +249,7 @@ def test_another_split_estimates_w_there(ccl_run, tmp_path):
     out = tmp_path / "test.csv"
     r = cli(ccl_run, "--split", "test", "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
-    assert len(L.read_table(out)["rank"]) == 360 and "GMM fitted here" in r.output
+    assert len(L.read_table(out)["rank"]) == 360 and "w fitted on the eval view" in r.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -219,6 +259,8 @@ def test_another_split_estimates_w_there(ccl_run, tmp_path):
     (["{run}", "--rate", "1.5"], "--rate must lie in (0, 1]"),
     (["{run}", "--out", "{tmp}/x.txt"], "expected a .csv or .parquet"),
     (["{run}", "--top", "0"], "--top must be at least 1"),
+    (["{run}", "--w", "gmm"], "--w must be eval or run"),
+    (["{run}", "--w", "run", "--split", "test"], "w belongs to the training split"),
 ])
 def test_bad_input_is_one_line(ccl_run, tmp_path, args, message):
     r = cli(*(a.format(tmp=tmp_path, run=ccl_run) for a in args), "--device", "cpu")

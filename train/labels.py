@@ -5,16 +5,20 @@ that the given label is clean, Eq. 16), each net's prediction, and the refurbish
 turns them into one row per sample, sorted from most to least suspect, and writes the rows as Parquet (when
 pyarrow is installed) or CSV.
 
-The ranking: mean w over the nets, ascending; ties (w saturates at 0 and 1 for many samples) broken by the
-ensemble's probability of the given label, ascending; then by index, so the order is a pure function of the run.
-The flag `suspect`: mean w below the GMM's decision point 0.5 (the posterior of the clean component below one
-half), or, with `rate`, the `rate` most suspect fraction of the rows.
+Label confidence (`--w`):
+- eval (the default): fitted here on the final nets. Each net's w is Eq. 16's criterion, a 2-component GMM on
+  its peer's per-sample CE of the given label (a single net is its own peer); `w_ens` is the same GMM on the
+  ensemble's CE. All on the deterministic eval view, with EM run to convergence, and made monotone in the loss.
+- run: the run's own w, as its last epoch left it (the training split of ccl, rolr and tcl; ce never estimates
+  one), with `w_ens` their mean. That w was fitted on the strong view (RandAugment draws add their own spread to
+  each sample's loss) with the training loop's 10 loose EM steps (and under `--confidence inline` from losses
+  recorded during the epoch's steps): on the data measured it ranked the wrong labels clearly worse than the
+  eval estimate (see the README).
 
-Where w comes from:
-- the training split of a method that estimates it (ccl, rolr, tcl): the run's own w, as the checkpoint holds it;
-- otherwise (ce, which never estimates w; another split; a run stopped in warm-up): estimated here in the same
-  way the twin methods do, a 2-component GMM over the per-sample CE of the given label under the peer net
-  (under the net itself for a single net), on the deterministic eval view.
+The ranking: `w_ens` ascending; ties (w saturates at 0 and 1 for many samples) broken by the ensemble's
+probability of the given label, ascending; then by index, so the order is a pure function of the run. The flag
+`suspect`: `w_ens` below the GMM's decision point 0.5 (the posterior of the clean component below one half), or,
+with `rate`, the `rate` most suspect fraction of the rows.
 
 Predictions use the eval view (no augmentation), so the table is reproducible. The ensemble is the softmax of the
 nets' summed logits, as `ccl eval` scores it. Metrics treat a wrong label as the positive class: precision is
@@ -32,9 +36,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Optional
 
 import numpy as np
@@ -176,13 +180,34 @@ def predict(run, split: str, *, batch_size: int = 256, workers: int = 0) -> tupl
 # The scoring: pure functions of per-sample arrays
 
 
-def estimate_w(ce_per_net: list[np.ndarray], seed: int = 0) -> np.ndarray:
-    """Label confidence [K, N] when the run holds none: each net's w from a GMM on its peer's per-sample CE
-    (Eq. 16's criterion; a single net is its own peer)."""
-    from ccl.train.losses.confidence import gmm_confidence
+def monotone_confidence(w: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """w made non-increasing in the loss: the running minimum of w along increasing loss.
+
+    A GMM posterior need not be monotone: where the clean component is the wider one, the posterior of "clean"
+    rises again at the far end of the loss axis, and the most implausible labels would be trusted. A larger
+    loss never makes a label more believable, so each sample gets at most the w of every sample with a smaller
+    loss. [N] -> [N]."""
+    order = np.argsort(loss, kind="stable")
+    out = np.empty_like(w)
+    out[order] = np.minimum.accumulate(w[order])
+    return out
+
+
+def estimate_w(ce_per_net: list[np.ndarray], ce_ens: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Label confidence from the final nets, on the eval view: (w [K, N], w_ens [N]).
+
+    w[m] is Eq. 16's criterion for net m, a GMM on its peer's per-sample CE of the given label (a single net is its
+    own peer); w_ens the same GMM on the ensemble's CE. Unlike the training loop, which stops EM after RoLR's 10
+    loose iterations each epoch, the GMM here is fitted to convergence (scikit-learn's defaults): it is fitted
+    once, and the flag sits on its decision point. Each w is then made monotone in its loss."""
+    from ccl.train.losses.confidence import TCL_GMM, gmm_confidence
+
+    def fit(ce: np.ndarray) -> np.ndarray:
+        return monotone_confidence(gmm_confidence(ce, seed=seed, **TCL_GMM), ce)
 
     k = len(ce_per_net)
-    return np.stack([gmm_confidence(ce_per_net[(m + 1) % k], seed=seed) for m in range(k)]).astype(np.float32)
+    w = np.stack([fit(ce_per_net[(m + 1) % k]) for m in range(k)]).astype(np.float32)
+    return w, fit(ce_ens).astype(np.float32)
 
 
 def refurbished_labels(w: np.ndarray, given: np.ndarray, p_given: np.ndarray, alt: np.ndarray,
@@ -194,18 +219,18 @@ def refurbished_labels(w: np.ndarray, given: np.ndarray, p_given: np.ndarray, al
     return np.where(keep, given, alt)
 
 
-def suspicion_order(w_mean: np.ndarray, p_given: np.ndarray) -> np.ndarray:
-    """Sample indices, most suspect first: mean w ascending, then the ensemble's probability of the given label
+def suspicion_order(w: np.ndarray, p_given: np.ndarray) -> np.ndarray:
+    """Sample indices, most suspect first: w ascending, then the ensemble's probability of the given label
     ascending (w saturates at 0 and 1 for many samples), then the index (a deterministic order)."""
-    n = len(w_mean)
-    return np.lexsort((np.arange(n), p_given, w_mean))
+    n = len(w)
+    return np.lexsort((np.arange(n), p_given, w))
 
 
-def suspect_flags(order: np.ndarray, w_mean: np.ndarray, rate: float | None = None) -> np.ndarray:
+def suspect_flags(order: np.ndarray, w: np.ndarray, rate: float | None = None) -> np.ndarray:
     """bool [N] by sample index: w below the GMM decision point, or with `rate` the round(rate * N) first
     samples of `order`."""
     if rate is None:
-        return w_mean < GMM_DECISION
+        return w < GMM_DECISION
     if not 0 < rate <= 1:
         raise UserError(f"--rate must lie in (0, 1], got {rate:g}")
     flags = np.zeros(len(order), dtype=bool)
@@ -258,24 +283,26 @@ class LabelTable:
 
     columns: dict[str, np.ndarray]
     classes: list[str]
-    w_source: str  # "run" or "estimated"
+    w_source: str  # "eval" (fitted on the final nets' eval-view losses) or "run" (the run's own)
 
     def __len__(self) -> int:
         return len(self.columns["index"])
 
 
-def build_table(nets: list[HeadSummary], ens: HeadSummary, w: np.ndarray, given: np.ndarray, keys: list[str],
-                classes: list[str], w_source: str, rate: float | None = None) -> LabelTable:
-    """Assemble the rows from per-net summaries, the ensemble's, and w [K, N]; sort them by suspicion."""
+def build_table(nets: list[HeadSummary], ens: HeadSummary, w: np.ndarray, w_ens: np.ndarray, given: np.ndarray,
+                keys: list[str], classes: list[str], w_source: str, rate: float | None = None) -> LabelTable:
+    """Assemble the rows from per-net summaries, the ensemble's, each net's w [K, N] and the ensemble's w_ens [N]
+    (the one the rows are sorted and flagged by); sort them by suspicion."""
     k, n = w.shape
-    if k != len(nets) or n != len(given) or len(keys) != n:
-        raise ValueError(f"w is {w.shape} for {len(nets)} nets, {len(given)} labels and {len(keys)} keys")
+    if k != len(nets) or n != len(given) or len(keys) != n or w_ens.shape != (n,):
+        raise ValueError(f"w is {w.shape} and w_ens {w_ens.shape} for {len(nets)} nets, {len(given)} labels and "
+                         f"{len(keys)} keys")
     w_mean = w.mean(0)
-    order = suspicion_order(w_mean, ens.p_given)
-    suspect = suspect_flags(order, w_mean, rate)
-    # Eq. 10 with one target for all nets: the mean confidence and the ensemble's prediction (for a single net,
-    # exactly Eq. 10 with its own prediction, having no peer).
-    refurb = refurbished_labels(w_mean, given, ens.p_given, ens.alt, ens.p_alt)
+    order = suspicion_order(w_ens, ens.p_given)
+    suspect = suspect_flags(order, w_ens, rate)
+    # Eq. 10 with one target for all nets: the ensemble's confidence and prediction (for a single net, exactly
+    # Eq. 10 with its own prediction, having no peer).
+    refurb = refurbished_labels(w_ens, given, ens.p_given, ens.alt, ens.p_alt)
     suggested = suggested_labels(suspect, given, ens.alt)
     names = np.asarray(classes, dtype=object)
     cols: dict[str, np.ndarray] = {"rank": np.arange(1, n + 1), "index": order,
@@ -284,6 +311,7 @@ def build_table(nets: list[HeadSummary], ens: HeadSummary, w: np.ndarray, given:
     for m in range(k):
         cols[f"w{m}"] = w[m][order]
     cols["w_mean"] = w_mean[order]
+    cols["w_ens"] = w_ens[order]
     for m, h in enumerate(nets):
         cols[f"pred{m}"], cols[f"prob{m}"] = h.pred[order], h.prob[order]
     cols["pred_ens"], cols["prob_ens"], cols["prob_given"] = ens.pred[order], ens.prob[order], ens.p_given[order]
@@ -438,23 +466,36 @@ def run_train_seconds(run_dir: Path) -> float | None:
     return total
 
 
-def label_table(run, split: str, *, rate: float | None = None, batch_size: int = 256, workers: int = 0
-                ) -> tuple[LabelTable, SampleLocations, np.ndarray, np.ndarray]:
-    """The sorted table of a restored run's split, with the split's locations, given labels and clean labels."""
+W_SOURCES = ("eval", "run")
+
+
+def label_table(run, split: str, *, w_from: str = "eval", rate: float | None = None, batch_size: int = 256,
+                workers: int = 0) -> tuple[LabelTable, SampleLocations, np.ndarray, np.ndarray]:
+    """The sorted table of a restored run's split, with the split's locations, given labels and clean labels.
+
+    w_from="eval": w fitted here on the final nets' eval-view losses (`estimate_w`); "run": the run's own w, as
+    its last epoch left it (the training split of a method that estimates w), ranked by the nets' mean."""
+    if w_from not in W_SOURCES:
+        raise UserError(f"--w must be {' or '.join(W_SOURCES)}, got {w_from!r}")
     if split not in run.shards.splits:
         raise UserError(f"no split {split!r} in {run.shards.root}; it has {', '.join(run.shards.splits)}")
+    method = run.method
+    has_w = bool(getattr(method, "has_w", torch.zeros(())))
+    if w_from == "run" and not (has_w and split == "train"):
+        why = (f"w belongs to the training split, not {split!r}" if has_w else
+               f"a {run.cfg.method} run holds none (ce never estimates w; a run stopped in warm-up has none yet)")
+        raise UserError(f"--w run: no w from the run for this split: {why}; use --w eval")
     given, clean = run.shards.labels(split)
     locations = sample_locations(run.shards, split)
     nets, ens = predict(run, split, batch_size=batch_size, workers=workers)
-    method = run.method
-    has_w = bool(getattr(method, "has_w", torch.zeros(()))) and split == "train"
-    if has_w:
-        w, source = method.w.detach().float().cpu().numpy(), "run"
+    if w_from == "run":
+        w = method.w.detach().float().cpu().numpy()
+        w_ens = w.mean(0)
     else:
-        w, source = estimate_w([h.ce for h in nets], seed=int(getattr(run.cfg, "seed", 0))), "estimated"
+        w, w_ens = estimate_w([h.ce for h in nets], ens.ce, seed=int(getattr(run.cfg, "seed", 0)))
     if w.shape != (len(nets), len(given)):
         raise ValueError(f"w is {w.shape}, expected ({len(nets)}, {len(given)})")
-    table = build_table(nets, ens, w, given, locations.key, run.shards.classes, source, rate)
+    table = build_table(nets, ens, w, w_ens, given, locations.key, run.shards.classes, w_from, rate)
     return table, locations, given, clean
 
 
@@ -512,8 +553,9 @@ def compare_cleanlab(run, split: str, table: LabelTable, given: np.ndarray, clea
     return result
 
 
-def labels_report(run_path: Path, split: str = "train", *, out: Path | None = None, rate: float | None = None,
-                  grid: int | None = None, cleanlab: bool = False, folds: int = 5, cv_epochs: int | None = None,
+def labels_report(run_path: Path, split: str = "train", *, out: Path | None = None, w_from: str = "eval",
+                  rate: float | None = None, grid: int | None = None, cleanlab: bool = False, folds: int = 5,
+                  cv_epochs: int | None = None,
                   data: Path | None = None, device: str = "auto", batch_size: int = 256, workers: int = 0,
                   log: Callable[[str], None] = lambda s: None) -> dict:
     """The `ccl labels` engine: restore the run, write the table (and the contact sheet), measure, compare.
@@ -524,6 +566,8 @@ def labels_report(run_path: Path, split: str = "train", *, out: Path | None = No
 
     if rate is not None and not 0 < rate <= 1:
         raise UserError(f"--rate must lie in (0, 1], got {rate:g}")
+    if w_from not in W_SOURCES:
+        raise UserError(f"--w must be {' or '.join(W_SOURCES)}, got {w_from!r}")
     if folds < 2:
         raise UserError(f"--folds must be at least 2, got {folds}")
     if cleanlab:
@@ -535,7 +579,8 @@ def labels_report(run_path: Path, split: str = "train", *, out: Path | None = No
         raise UserError(f"--out {out}: expected a .csv or .parquet file name")
     t0 = time.perf_counter()
     run, _ = restore(ck, data=data, device=device)
-    table, locations, given, clean = label_table(run, split, rate=rate, batch_size=batch_size, workers=workers)
+    table, locations, given, clean = label_table(run, split, w_from=w_from, rate=rate, batch_size=batch_size,
+                                                 workers=workers)
     seconds = time.perf_counter() - t0
     result = {"out": str(out), "rows": len(table), "w_source": table.w_source, "method": run.cfg.method,
               "nets": len(run.method.nets), "metrics": flag_metrics(table, given, clean), "seconds": seconds,
@@ -573,21 +618,22 @@ def print_top(table: LabelTable, k: int, console) -> None:
 
     c = table.columns
     t = Table(title=f"the {min(k, len(table))} most suspect labels")
-    for col in ("rank", "index", "given", "suggested", "w_mean", "p(given)", "suspect"):
+    for col in ("rank", "index", "given", "suggested", "w", "p(given)", "suspect"):
         t.add_column(col, justify="left" if col in ("given", "suggested") else "right", no_wrap=True)
     for r in range(min(k, len(table))):
         t.add_row(str(c["rank"][r]), str(c["index"][r]), _label_text(c["given"][r], c["given_name"][r]),
-                  _label_text(c["suggested"][r], c["suggested_name"][r]), f"{c['w_mean'][r]:.3f}",
+                  _label_text(c["suggested"][r], c["suggested_name"][r]), f"{c['w_ens'][r]:.3f}",
                   f"{c['prob_given'][r]:.3f}", "yes" if c["suspect"][r] else "")
     console.print(t)
 
 
 def print_report(result: dict, rate: float | None, console) -> None:
-    rule = f"the {rate:g} most suspect fraction" if rate is not None else f"mean w < {GMM_DECISION:g}"
+    rule = f"the {rate:g} most suspect fraction" if rate is not None else f"w < {GMM_DECISION:g}"
     m = result["metrics"]
     flagged = int(result["table"].columns["suspect"].sum())
-    console.print(f"{result['rows']} rows -> {result['out']} ({result['format']}); w from the "
-                  f"{'run' if result['w_source'] == 'run' else 'GMM fitted here'}; flagged {flagged} ({rule})",
+    source = "the run's own" if result["w_source"] == "run" else "fitted on the eval view"
+    console.print(f"{result['rows']} rows -> {result['out']} ({result['format']}); w {source}; flagged {flagged} "
+                  f"({rule})",
                   highlight=False, soft_wrap=True)
     if result["grid"]:
         console.print(f"contact sheet -> {result['grid']}", highlight=False, soft_wrap=True)
@@ -628,8 +674,11 @@ def labels_cmd(
                                        "with pyarrow installed, else RUN/labels-SPLIT.csv]", show_default=False),
     top: Optional[int] = typer.Option(None, metavar="K", help="Print the K most suspect rows as a table.",
                                       show_default=False),
+    w_from: str = typer.Option("eval", "--w", help="Where the label confidence w comes from: eval (a GMM on the "
+                               "final nets' per-sample CE of the given label, on the eval view) or run (the run's "
+                               "own w from its last epoch; the training split of ccl, rolr and tcl)."),
     rate: Optional[float] = typer.Option(None, metavar="R", help="Flag the R most suspect fraction instead of the "
-                                         "samples whose mean w is below the GMM's decision point 0.5.",
+                                         "samples whose w is below the GMM's decision point 0.5.",
                                          show_default=False),
     grid: bool = typer.Option(False, help=f"Also write a PNG contact sheet (--out with .png) of the K most suspect "
                               f"samples (--top K, else {GRID_DEFAULT}), each with its given and suggested class."),
@@ -655,7 +704,8 @@ def labels_cmd(
     try:
         if top is not None and top < 1:
             raise UserError(f"--top must be at least 1, got {top}")
-        result = labels_report(run, split, out=out, rate=rate, grid=(top or GRID_DEFAULT) if grid else None,
+        result = labels_report(run, split, out=out, w_from=w_from, rate=rate,
+                               grid=(top or GRID_DEFAULT) if grid else None,
                                cleanlab=compare_cleanlab, folds=folds, cv_epochs=cv_epochs, data=data,
                                device=device, batch_size=batch_size, workers=workers,
                                log=lambda s: err.print(s, highlight=False, soft_wrap=True))
