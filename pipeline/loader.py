@@ -476,7 +476,8 @@ class _BatchReader(Dataset):
         failures = [(int(ids[j]), why) for j, why in failed]
         if failed:
             keep = np.setdiff1d(np.arange(len(ids)), [j for j, _ in failed])
-            images, ids = images[torch.from_numpy(keep)], ids[keep]
+            # numpy, not torch indexing: no OpenMP region in a process that may be a fork of a threaded one
+            images, ids = torch.from_numpy(images.numpy()[keep]), ids[keep]
         batch = Batch(
             images=images,
             index=torch.from_numpy(ids),

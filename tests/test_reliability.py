@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ccl.errors import UserError
@@ -109,6 +110,9 @@ def in_child(fn, *args, timeout: float = 120.0) -> dict:
     pid = os.fork()
     if pid == 0:  # the child
         os.close(r)
+        # As in a DataLoader worker: the parent's OpenMP pool is gone in a fork, and a parallel region here would
+        # wait for it forever (earlier tests in this process may have started one).
+        torch.set_num_threads(1)
         try:
             res = fn(*args)
         except UserError as e:
