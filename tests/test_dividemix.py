@@ -311,27 +311,9 @@ def test_config_mistakes_are_one_line_errors():
 # short runs on the digits shards
 
 
-@pytest.fixture
-def repeated_views(monkeypatch):
-    """The loop's `make_views` must draw a repeated view name once per repetition (DivideMix's two weak views).
-    Until it does, route such requests through per-view draws; with a loop that does, this changes nothing."""
-    from ccl.train import loop
-
-    original = loop.make_views
-
-    def make_views(aug, images, names, generator):
-        views = original(aug, images, names, generator)
-        if len(views) == len(names):
-            return views
-        makers = {"weak": aug.weak, "strong": aug.strong}
-        return tuple(makers[n](images, generator=generator) for n in names)
-
-    monkeypatch.setattr(loop, "make_views", make_views)
-
-
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("plus", ["", "cvl,cml"])
-def test_dividemix_learns_far_above_chance(digits, tmp_path, repeated_views, plus):
+def test_dividemix_learns_far_above_chance(digits, tmp_path, plus):
     from ccl.train.loop import train
 
     cfg = _cfg(digits, tmp_path, arch="resnet_small", epochs=4, warmup=2, batch_size=64, lr=1e-3,

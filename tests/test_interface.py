@@ -211,3 +211,16 @@ def test_without_a_validation_part_no_best_checkpoint_is_chosen(digits, tmp_path
     train(small_cfg(digits, tmp_path, method="ce", epochs=1, warmup=0), progress=False)
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
     assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+
+
+@pytest.mark.parametrize("names", [("weak",), ("weak", "strong"), ("weak", "strong", "strong"), ("weak", "weak"),
+                                   ("weak", "weak", "strong"), ("strong", "weak")])
+def test_make_views_draws_one_view_per_name_each_with_its_own_draws(digits, tmp_path, names):
+    run = setup(small_cfg(digits, tmp_path), digits)
+    batch = _batches(run, 1)[0]
+    views = make_views(run.aug, batch.images, names, torch.Generator().manual_seed(0))
+    assert len(views) == len(names)
+    assert all(v.shape == views[0].shape and v.dtype == torch.float32 for v in views)
+    for i in range(len(views)):
+        for j in range(i):  # repeated names are separate augmentations, not one view twice
+            assert not torch.equal(views[i], views[j]), (names, i, j)

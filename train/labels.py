@@ -622,8 +622,8 @@ def print_top(table: LabelTable, k: int, console) -> None:
         t.add_column(col, justify="left" if col in ("given", "suggested") else "right", no_wrap=True)
     for r in range(min(k, len(table))):
         t.add_row(str(c["rank"][r]), str(c["index"][r]), _label_text(c["given"][r], c["given_name"][r]),
-                  _label_text(c["suggested"][r], c["suggested_name"][r]), f"{c['w_ens'][r]:.3f}",
-                  f"{c['prob_given'][r]:.3f}", "yes" if c["suspect"][r] else "")
+                  _label_text(c["suggested"][r], c["suggested_name"][r]), f"{c['w_ens'][r]:.3g}",
+                  f"{c['prob_given'][r]:.3g}", "yes" if c["suspect"][r] else "")
     console.print(t)
 
 

@@ -185,12 +185,13 @@ def held_out(num_train: int, fraction: float, seed: int) -> np.ndarray:
 
 def make_views(aug: Augment, images: torch.Tensor, names: tuple[str, ...], generator) -> tuple[torch.Tensor, ...]:
     """The views a step asked for, in its order, from one uint8 batch."""
-    n_strong = names.count("strong")
-    if names[0] == "weak" and set(names) <= {"weak", "strong"}:  # the common case: one uint8 -> float conversion
+    n_strong = len(names) - 1
+    if names == ("weak",) + ("strong",) * n_strong:  # the common case: one uint8 -> float conversion
         if not n_strong:
             return (aug.weak(images, generator=generator),)
         weak, strongs = aug.views(images, n_strong, generator=generator)
         return (weak, *strongs)
+    # Anything else, repeated names included (DivideMix's two weak views), draws each view on its own.
     makers = {"weak": aug.weak, "strong": aug.strong, "contrastive": getattr(aug, "contrastive", None)}
     return tuple(makers[n](images, generator=generator) for n in names)
 
