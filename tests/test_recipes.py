@@ -49,12 +49,29 @@ def test_a_recipe_runs_a_tiny_step_on_data_of_its_layout(tmp_path_factory, name)
     layout = r["dataset"] if r["dataset"] != "any" else "cifar10"
     data = _fabricate(tmp_path_factory.mktemp(name), layout)
     out = tmp_path_factory.mktemp("runs")
-    # The recipe's own values, shortened to one epoch of a few small batches past warm-up.
+    # The recipe's own values, shortened to one epoch of a few small batches past warm-up, on a tiny network: the
+    # recipe's own network is built below, but training it (twin ResNet-50s at 224 px) costs minutes on a CPU.
     cfg = TrainConfig.from_dict({**r["config"], "recipe": name, "data": str(data), "epochs": 1, "warmup": 0,
-                                 "batch_size": 16, "workers": 0, "out": str(out), "name": "run"})
+                                 "batch_size": 16, "workers": 0, "out": str(out), "name": "run",
+                                 "arch": "resnet_tiny"})
     summary = train(cfg, progress=False)
     record = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert record["train_loss"] == record["train_loss"] and summary["arch"] == r["config"]["arch"]
+    assert record["train_loss"] == record["train_loss"] and summary["arch"] == "resnet_tiny"
+
+
+@pytest.mark.parametrize("arch", sorted({recipes.load(n)["config"]["arch"] for n in recipes.names()}))
+def test_every_recipe_network_builds_and_runs_a_batch(arch):
+    import torch
+
+    from ccl.model.resnet import build_nets
+
+    layouts = [recipes.load(n)["dataset"] for n in recipes.names() if recipes.load(n)["config"]["arch"] == arch]
+    classes, side = LAYOUTS[layouts[0] if layouts[0] != "any" else "cifar10"]
+    small = side <= 32
+    (net,) = build_nets(arch, classes, 1, small_input=small, seed=0)
+    with torch.no_grad():
+        logits, z = net.eval()(torch.zeros(2, 3, 32 if small else 64, 32 if small else 64))
+    assert logits.shape == (2, classes) and z.shape[0] == 2
 
 
 def test_recipe_mistakes_are_one_line_errors(tmp_path, digits):

@@ -135,8 +135,11 @@ KERNEL_TOL = {"float32": (1e-3, 1e-4), "bfloat16": (1e-3, 2e-2), "float16": (1e-
 INTERPRETER_MAX_N = 32  # interpreted Triton (smoke) costs about a second per call at N = 32, and grows as N^2
 # Pixel agreement of a CUDA view with the CPU view of the same draws, in units of the pixel range [0, 1]: at most
 # AUG_FRAC_TOL of the values may differ by more than 1/255 (a nearest-neighbour warp picks a neighbouring source
-# pixel where a coordinate rounds the other way), and the mean absolute difference stays under AUG_MEAN_TOL.
-AUG_FRAC_TOL = 1e-3
+# pixel where a coordinate rounds the other way; a quantising op, posterize or solarize's threshold, moves a value
+# by a whole step where the two devices round it the other way: on the first H200 run 0.125% of the strong view's
+# values differed, by at most 4/255, a 6-bit posterize step), and the mean absolute difference stays under
+# AUG_MEAN_TOL. A wrong op or wrong draw differs on a large part of the image, far above either bound.
+AUG_FRAC_TOL = 5e-3
 AUG_MEAN_TOL = 5e-4
 # Float parameters (crop boxes in px, op values in their units) are computed on the device from the same uniform
 # draws, partly through exp/sqrt: equal up to float rounding.

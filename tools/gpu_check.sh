@@ -53,6 +53,8 @@ ensure() {  # ensure MODULE DIST...: import MODULE, or install DIST... (it and i
 }
 ensure kornia kornia kornia-rs
 ensure webdataset webdataset braceexpand pyyaml
+# pydantic checks the shard manifest; some GPU images lack it (the first H200 run did).
+ensure pydantic pydantic pydantic-core annotated-types typing-inspection typing-extensions
 # DALI is optional (its benchmark then says it is absent): installed, with its dependencies, only when its wheel
 # was put in .whl/.
 for wheel in "$WHL"/nvidia_dali_*.whl; do
