@@ -613,9 +613,9 @@ def register(app) -> None:
         data: Path = typer.Argument(..., help="Shard directory (the folder with manifest.json)."),
         backend: str = typer.Option("auto", help="Decoders to try on every image: auto (torch, and dali when "
                                     "installed), none, or a comma-separated list of torch and dali."),
-        report: Optional[Path] = typer.Option(None, help="Where to write the JSON report. [default: DATA/check.json]",
+        report: Optional[Path] = typer.Option(None, help="Where to write the JSON report. \\[default: DATA/check.json]",
                                               show_default=False),
-        workers: Optional[int] = typer.Option(None, help="Processes to use. [default: all cores]", show_default=False),
+        workers: Optional[int] = typer.Option(None, help="Processes to use. \\[default: all cores]", show_default=False),
         dali_device: str = typer.Option("auto", help="Where DALI decodes: cpu, gpu, or auto (gpu when CUDA is "
                                         "available, as training would)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars on stderr."),

@@ -313,3 +313,14 @@ def test_compare_cleanlab_without_cleanlab_is_one_line(ccl_run, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_cleanlab)
     r = cli(ccl_run, "--compare-cleanlab", "--device", "cpu", "--out", "/dev/null.csv")
     assert r.exit_code == 2 and "needs cleanlab" in r.output
+
+
+def test_help_keeps_its_square_brackets():
+    """Typer's rich help reads [..] as markup: an unescaped bracket silently drops text (the install hint, defaults)."""
+    import os
+
+    from ccl.train.cli import app
+
+    out = CliRunner().invoke(app, ["labels", "--help"], env={**os.environ, "COLUMNS": "400"})
+    assert out.exit_code == 0
+    assert "pip install 'ccl[labels]'" in out.output and "[default: the run's]" in out.output, out.output

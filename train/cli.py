@@ -192,7 +192,7 @@ def recipes_cmd():
 @app.command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Option(..., help="A checkpoint (runs/NAME/checkpoints/best.pt or last.pt)."),
-    data: Optional[Path] = typer.Option(None, help="Shard directory. [default: the one the run trained on]",
+    data: Optional[Path] = typer.Option(None, help="Shard directory. \\[default: the one the run trained on]",
                                         show_default=False),
     split: str = typer.Option("test", help="Split to evaluate (e.g. test, val_imagenet)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),

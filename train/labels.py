@@ -670,7 +670,7 @@ def labels_cmd(
     run: Path = typer.Argument(..., help="A run directory (its checkpoints/last.pt is read) or a checkpoint file.",
                                show_default=False),
     split: str = typer.Option("train", help="The split whose labels to rank."),
-    out: Optional[Path] = typer.Option(None, help="Output file, .csv or .parquet. [default: RUN/labels-SPLIT.parquet "
+    out: Optional[Path] = typer.Option(None, help="Output file, .csv or .parquet. \\[default: RUN/labels-SPLIT.parquet "
                                        "with pyarrow installed, else RUN/labels-SPLIT.csv]", show_default=False),
     top: Optional[int] = typer.Option(None, metavar="K", help="Print the K most suspect rows as a table.",
                                       show_default=False),
@@ -685,10 +685,10 @@ def labels_cmd(
     compare_cleanlab: bool = typer.Option(False, help="Also run cleanlab's find_label_issues and label-quality "
                                           "scores on out-of-sample probabilities from k-fold cross-validation (CE "
                                           "with the run's architecture, epochs and batch size), and compare. Needs "
-                                          "cleanlab: pip install 'ccl[labels]'."),
+                                          "cleanlab: pip install 'ccl\\[labels]'."),
     folds: int = typer.Option(5, help="Cross-validation folds for --compare-cleanlab."),
-    cv_epochs: Optional[int] = typer.Option(None, help="Epochs per fold. [default: the run's]", show_default=False),
-    data: Optional[Path] = typer.Option(None, help="Shard directory. [default: the one the run trained on]",
+    cv_epochs: Optional[int] = typer.Option(None, help="Epochs per fold. \\[default: the run's]", show_default=False),
+    data: Optional[Path] = typer.Option(None, help="Shard directory. \\[default: the one the run trained on]",
                                         show_default=False),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     batch_size: int = typer.Option(256, help="Batch size of the prediction pass."),

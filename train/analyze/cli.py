@@ -25,7 +25,7 @@ def analyze_cmd(
                                       show_default=False),
     split: str = typer.Option("test", help="Split to measure on (e.g. test, train, val_imagenet)."),
     out: Optional[Path] = typer.Option(None, help="Output directory for analysis.json and report.html. "
-                                       "[default: RUN/plots for one run, ./analysis for several]", show_default=False),
+                                       "\\[default: RUN/plots for one run, ./analysis for several]", show_default=False),
     checkpoint: str = typer.Option("last", help="Checkpoint of each run: last or best."),
     embedding: str = typer.Option("backbone", help="Embedding measured: backbone (penultimate feature f(x), "
                                   "trained by every method) or head (the projection z of the contrastive terms)."),
