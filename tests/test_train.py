@@ -180,15 +180,28 @@ def test_ablation_flags_reach_the_loss(digits, tmp_path):
 def test_table_writes_its_files_and_skips_finished_cells(digits, tmp_path, monkeypatch):
     from ccl.train import table
 
-    kw = dict(methods=["ce"], noise=["sym:0.4"], seeds=[0], epochs=1, warmup=0, arch="resnet_tiny",
+    kw = dict(methods=["ce"], noise=["sym:0.4", "pair:0.2"], seeds=[0], epochs=1, warmup=0, arch="resnet_tiny",
               out=tmp_path / "grid", data=digits, base={"workers": 0, "batch_size": 64})
     first = table.run_table(**kw)
-    cell = first["ce|sym:0.4"]
+    cell = first[f"ce|{digits.name}"]  # with --data: one column, named after the data, whatever --noise says
+    assert list(first) == [f"ce|{digits.name}"] and (tmp_path / "grid" / "runs" / f"ce-{digits.name}-s0").is_dir()
     assert cell["final"][0] > 0 and (tmp_path / "grid" / "table.md").is_file()
 
     def no_training(*a, **k):
         raise AssertionError("a finished cell was trained again")
 
     monkeypatch.setattr(table, "train", no_training)
-    again = table.run_table(**kw)["ce|sym:0.4"]
+    again = table.run_table(**kw)[f"ce|{digits.name}"]
     assert json.dumps(again) == json.dumps(cell)  # as text: CE has no AUROC, and NaN != NaN
+
+
+def test_table_columns_are_noise_settings_or_the_one_data_set(tmp_path):
+    from ccl.train.table import grid_columns
+
+    cols = grid_columns(["sym:0.5", "pair:0.4"])
+    assert [(c.label, c.token) for c in cols] == [("sym:0.5", "sym0.5"), ("pair:0.4", "pair0.4")]
+    assert cols[1].options == {"noise": "pair", "noise_rate": 0.4}
+    (col,) = grid_columns(["sym:0.5", "pair:0.4"], data=tmp_path / "animal10n")
+    assert (col.label, col.options) == ("animal10n", {"data": str(tmp_path / "animal10n")})
+    with pytest.raises(UserError, match="should read TYPE:RATE"):
+        grid_columns(["sym"])

@@ -223,8 +223,9 @@ def table(
     arch: str = typer.Option("resnet_small", help="Architecture for every run."),
     batch_size: int = typer.Option(64, help="Batch size for every run."),
     out: Path = typer.Option(Path("runs/table"), help="Directory for the runs, table.md and table.json."),
-    data: Optional[Path] = typer.Option(None, help="A shard directory to use for every noise setting instead of "
-                                        "the built-in digits (then --noise is ignored)."),
+    data: Optional[Path] = typer.Option(None, help="A shard directory with its own labels: one column, named "
+                                        "after the directory, instead of the built-in digits under --noise (then "
+                                        "--noise is ignored)."),
     extra: Optional[Path] = typer.Option(None, help="JSON file of further TrainConfig options for every run."),
 ):
     """Run a methods x noise x seeds grid and write table.md and table.json (resumes a partly finished grid)."""

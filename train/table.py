@@ -1,10 +1,15 @@
-"""`ccl table`: a methods x noise x seeds grid and its results table."""
+"""`ccl table`: a methods x noise x seeds grid and its results table.
+
+A column is a noise setting of the built-in digits, or, with `data`, the one given shard set (its own labels:
+every noise setting would train the same runs under different names).
+"""
 
 from __future__ import annotations
 
 import json
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -23,6 +28,22 @@ def parse_noise(spec: str) -> tuple[str, float]:
         raise UserError(f"noise setting {spec!r} should read TYPE:RATE, e.g. sym:0.5") from None
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of the grid: its label in the table, its part of the run names, and the options it sets."""
+
+    label: str
+    token: str
+    options: dict
+
+
+def grid_columns(noise: list[str], data=None) -> list[Column]:
+    if data is not None:
+        name = Path(data).resolve().name
+        return [Column(name, name, {"data": str(data)})]
+    return [Column(f"{k}:{r:g}", f"{k}{r:g}", {"noise": k, "noise_rate": r}) for k, r in map(parse_noise, noise)]
+
+
 def _mean_std(vals: list[float]) -> tuple[float, float]:
     vals = [v for v in vals if v is not None and v == v]
     if not vals:
@@ -39,21 +60,20 @@ def run_table(*, methods, noise, seeds, epochs, warmup, arch, out: Path, data=No
               console: Console | None = None) -> dict:
     """Train every (method, noise, seed) cell once; finished cells are read back, a killed one resumes."""
     console = console or Console()
-    settings = [parse_noise(s) for s in noise]
+    columns = grid_columns(noise, data)
     out = Path(out)
-    cells = [(m, s, seed) for s in settings for m in methods for seed in seeds]
+    cells = [(m, col, seed) for col in columns for m in methods for seed in seeds]
     results: dict[str, dict] = {}
     with Progress(console=console) as bar:
         task = bar.add_task("grid", total=len(cells))
-        for method, (kind, rate), seed in cells:
-            name = f"{method}-{kind}{rate:g}-s{seed}"
+        for method, col, seed in cells:
+            name = f"{method}-{col.token}-s{seed}"
             run_dir = out / "runs" / name
             done = run_dir / "summary.json"
             if not done.is_file():
-                cfg = TrainConfig.from_dict({**(base or {}), "method": method, "noise": kind, "noise_rate": rate,
-                                             "seed": seed, "epochs": epochs, "warmup": warmup, "arch": arch,
-                                             "out": str(out / "runs"), "name": name,
-                                             "data": str(data) if data else None})
+                cfg = TrainConfig.from_dict({**(base or {}), "method": method, "seed": seed, "epochs": epochs,
+                                             "warmup": warmup, "arch": arch, "out": str(out / "runs"),
+                                             "name": name, **col.options})
                 bar.update(task, description=f"{name}")
                 t0 = time.perf_counter()
                 resume = (run_dir / "checkpoints" / "last.pt").is_file()
@@ -62,10 +82,10 @@ def run_table(*, methods, noise, seeds, epochs, warmup, arch, out: Path, data=No
                 done.write_text(json.dumps(summary, indent=2) + "\n")
             results[name] = _read(done)
             bar.advance(task)
-    table = _aggregate(results, methods, settings, seeds)
+    table = _aggregate(results, methods, columns, seeds)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
-    (out / "table.md").write_text(_markdown(table, methods, settings))
+    (out / "table.md").write_text(_markdown(table, methods, columns))
     console.print((out / "table.md").read_text())
     return table
 
@@ -74,13 +94,13 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _aggregate(results, methods, settings, seeds) -> dict:
+def _aggregate(results, methods, columns, seeds) -> dict:
     cells = {}
-    for kind, rate in settings:
+    for col in columns:
         for m in methods:
-            runs = [results[f"{m}-{kind}{rate:g}-s{s}"] for s in seeds]
-            cells[f"{m}|{kind}:{rate:g}"] = {
-                "method": m, "noise": f"{kind}:{rate:g}", "seeds": list(seeds),
+            runs = [results[f"{m}-{col.token}-s{s}"] for s in seeds]
+            cells[f"{m}|{col.label}"] = {
+                "method": m, "column": col.label, "seeds": list(seeds),
                 "final": _mean_std([r.get("test_final") for r in runs]),
                 "last10": _mean_std([r.get("test_last10_mean") for r in runs]),
                 "auroc": _mean_std([r.get("auroc") for r in runs]),
@@ -90,14 +110,14 @@ def _aggregate(results, methods, settings, seeds) -> dict:
     return cells
 
 
-def _markdown(table, methods, settings) -> str:
-    head = "| method | " + " | ".join(f"{k} {r:g}" for k, r in settings) + " |\n"
-    head += "|---|" + "---|" * len(settings) + "\n"
+def _markdown(table, methods, columns) -> str:
+    head = "| method | " + " | ".join(col.label.replace(":", " ") for col in columns) + " |\n"
+    head += "|---|" + "---|" * len(columns) + "\n"
     rows = []
     for m in methods:
         cells = []
-        for kind, rate in settings:
-            c = table[f"{m}|{kind}:{rate:g}"]
+        for col in columns:
+            c = table[f"{m}|{col.label}"]
             cells.append(f"{_fmt(c['last10'])} (final {_fmt(c['final'])}; AUROC {_fmt(c['auroc'], 3)}; "
                          f"{c['wall_time_s'][0]:.0f} s)")
         rows.append(f"| {m} | " + " | ".join(cells) + " |\n")
