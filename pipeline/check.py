@@ -34,6 +34,7 @@ import numpy as np
 
 from ccl.errors import UserError
 from ccl.pipeline import manifest as schema
+from ccl.pipeline.progress import Bars
 from ccl.pipeline.shards import (
     MANIFEST, ShardScan, die_with_parent, load_manifest, sample_key, scan_shard, write_json_atomic,
 )  # fmt: skip
@@ -294,34 +295,6 @@ class _Split:
     scans: list[ShardScan] = field(default_factory=list)
 
 
-class _Progress:
-    def __init__(self, enabled: bool):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-            )  # fmt: skip
-
-            self.bar = Progress(
-                TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-            )  # fmt: skip
-            self.bar.start()
-
-    def add(self, name: str, total: int):
-        return self.bar.add_task(name, total=total) if self.bar else None
-
-    def advance(self, task, n: int) -> None:
-        if self.bar and n:
-            self.bar.advance(task, n)
-
-    def stop(self) -> None:
-        if self.bar:
-            self.bar.stop()
-            self.bar = None
-
-
 def resolve_backends(spec: str) -> list[str]:
     """'auto' (torch, and dali when installed), 'none', or a comma-separated list of torch and dali."""
     spec = spec.strip().lower()
@@ -399,7 +372,7 @@ def check(data, *, backends: list[str] | None = None, workers: int | None = None
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                    initializer=die_with_parent, initargs=(os.getpid(),))
         pool.submit(int).result()
-    bar = _Progress(progress)
+    bar = Bars(progress, label_width=16)
     try:
         task = bar.add("checksums", total)
         t0 = time.perf_counter()

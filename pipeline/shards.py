@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
-from ccl.pipeline import manifest as schema
-from ccl.pipeline.manifest import FORMAT_VERSION  # noqa: F401 - the writer's format, re-exported
 
 from ccl.errors import UserError
+from ccl.pipeline import manifest as schema
+from ccl.pipeline.manifest import FORMAT_VERSION  # noqa: F401 - the writer's format, re-exported
 
 MANIFEST = "manifest.json"
 LABELS_EXT = "labels.i64"

@@ -17,3 +17,14 @@ def digits(tmp_path_factory):
     from ccl.pipeline.convert import ensure_digits
 
     return ensure_digits(tmp_path_factory.mktemp("digits"), noise="sym", rate=0.4, seed=0)
+
+
+@pytest.fixture
+def float64():
+    """float64 as torch's default dtype for one test: loss references compared to 1e-10."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -26,14 +26,6 @@ from ccl.train.methods import Rng, build_method
 N, C, D = 4, 3, 5
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def check(impl, ref, inputs, tol=1e-10):
     """Values equal, and the gradients of a random projection of both equal, for every input."""
     assert torch.allclose(impl, ref, atol=tol, rtol=tol), (impl, ref)

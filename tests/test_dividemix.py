@@ -17,14 +17,6 @@ from ccl.train.methods import Rng
 N, C = 6, 4
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _softmax_row(row):
     e = [float(torch.exp(row[j] - row.max())) for j in range(len(row))]
     return [v / sum(e) for v in e]

@@ -6,12 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from ccl.train import recipes
-from ccl.train.config import TrainConfig
-from ccl.train.loop import train
 from PIL import Image
 
 from ccl.errors import UserError
+from ccl.train import recipes
+from ccl.train.config import TrainConfig
+from ccl.train.loop import train
 
 # Fabricated data per layout: (classes, image side). The folder's name becomes the manifest's dataset name.
 LAYOUTS = {"cifar10": (10, 32), "cifar100": (100, 32), "animal10n": (10, 64), "webvision": (50, 72)}
@@ -62,6 +62,7 @@ def test_a_recipe_runs_a_tiny_step_on_data_of_its_layout(tmp_path_factory, name)
 @pytest.mark.parametrize("arch", sorted({recipes.load(n)["config"]["arch"] for n in recipes.names()}))
 def test_every_recipe_network_builds_and_runs_a_batch(arch):
     import torch
+
     from ccl.model.resnet import build_nets
 
     layouts = [recipes.load(n)["dataset"] for n in recipes.names() if recipes.load(n)["config"]["arch"] == arch]

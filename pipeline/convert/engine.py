@@ -29,6 +29,7 @@ import numpy as np
 
 import ccl
 from ccl.errors import UserError
+from ccl.pipeline import manifest as schema
 from ccl.pipeline.convert import noise as noise_mod
 from ccl.pipeline.convert.animal10n import read_animal10n
 from ccl.pipeline.convert.cifar import read_cifar
@@ -36,7 +37,7 @@ from ccl.pipeline.convert.digits import read_digits
 from ccl.pipeline.convert.folder import read_folder
 from ccl.pipeline.convert.source import SPLIT_SEED, ConvertOptions, Item, Source
 from ccl.pipeline.convert.webvision import read_webvision
-from ccl.pipeline import manifest as schema
+from ccl.pipeline.progress import Bars
 from ccl.pipeline.shards import FORMAT_VERSION, MANIFEST, ShardWriter, die_with_parent, image_problem, write_json_atomic
 
 FEATURE_SIZE = 32  # instance noise: images are compared as 32x32 RGB (CIFAR's own size)
@@ -271,7 +272,7 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
 
     workers = opts.workers or os.cpu_count() or 1
     runner = _Runner(workers)
-    progress = _Progress(opts.progress)
+    progress = Bars(opts.progress)
     writer = None
     try:
         # --- training labels: the source's, a label file's, or synthetic noise; the true label is kept
@@ -423,43 +424,13 @@ def _options_record(opts: ConvertOptions) -> dict:
     }
 
 
-def _features(items: list[Item], runner: _Runner, progress: "_Progress") -> np.ndarray:
+def _features(items: list[Item], runner: _Runner, progress: Bars) -> np.ndarray:
     task = progress.add("features", len(items))
     parts = []
     for part in runner.map(_feature_chunk, _chunks(items, CHUNK)):
         parts.append(part)
         progress.advance(task, len(part))
     return np.concatenate(parts) if parts else np.zeros((0, FEATURE_SIZE * FEATURE_SIZE * 3), dtype=np.uint8)
-
-
-class _Progress:
-    """A rich progress bar on stderr (one row per split), or nothing."""
-
-    def __init__(self, enabled: bool):
-        self.bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-            )  # fmt: skip
-
-            self.bar = Progress(
-                TextColumn("{task.description:>12}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-            )  # fmt: skip
-            self.bar.start()
-
-    def add(self, name: str, total: int):
-        return self.bar.add_task(name, total=total) if self.bar else None
-
-    def advance(self, task, n: int) -> None:
-        if self.bar:
-            self.bar.advance(task, n)
-
-    def stop(self) -> None:
-        if self.bar:
-            self.bar.stop()
-            self.bar = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
