@@ -469,3 +469,30 @@ if __name__ == "__main__":
                 t0 = time.perf_counter()
                 counts = fuzz(src, Path(tmp), backend, n)
                 print(f"{ext} {backend}: {dict(sorted(counts.items()))} ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+@pytest.mark.timeout(600)
+def test_a_run_counts_and_names_every_skipped_sample(digits, tmp_path):
+    """Damaged images in the train and test splits: the run goes on, metrics.jsonl counts them per split, and
+    skipped.json names each one (split, index, shard, reason)."""
+    from ccl.train.config import TrainConfig
+    from ccl.train.loop import SKIPPED_REPORT, train
+
+    root = tmp_path / "set"
+    shutil.copytree(digits, root)
+    victims = {"train": [12, 700], "test": [30]}
+    rng = np.random.default_rng(1)
+    for split, indices in victims.items():
+        for i in indices:
+            tar, _, comps, ext = _image_field(root, split, i)
+            off, size = comps[ext]
+            _overwrite(tar, off + 41 + int(rng.integers(0, size - 60)), bytes(rng.integers(0, 256, 8, dtype=np.uint8)))
+    resign(root)
+    cfg = TrainConfig(data=str(root), method="ce", arch="resnet_tiny", epochs=1, warmup=0, batch_size=128, workers=0,
+                      out=str(tmp_path / "runs"), name="run")
+    train(cfg, progress=False)
+    record = json.loads((tmp_path / "runs" / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (record["skipped"], record["test_skipped"]) == (2, 1)
+    named = json.loads((tmp_path / "runs" / "run" / SKIPPED_REPORT).read_text())
+    assert [(r["split"], r["index"]) for r in named] == [("test", 30), ("train", 12), ("train", 700)]
+    assert all(r["shard"].endswith(".tar") and r["reason"] for r in named)

@@ -29,7 +29,7 @@ from ccl.model import ARCHS, auto_arch, eval_mode, memory_format
 from ccl.pipeline.augment import Augment
 from ccl.pipeline.batch import Batch
 from ccl.pipeline.loader import make_loader
-from ccl.pipeline.shards import ShardSet
+from ccl.pipeline.shards import Damaged, ShardSet, write_json_atomic
 from ccl.train import checkpoint as ckpt
 from ccl.train import dist
 from ccl.train.config import TrainConfig
@@ -395,6 +395,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
             improved = top1 > best
             best = max(best, top1)
             rng_ranks = dist.rng_states(ckpt.rng_state(rng))  # every rank's streams, to resume on as many processes
+            skipped = report_skipped(run_dir, (train_loader, val_loader, test_loader), main)
             if not main:
                 continue
             state = {"format": ckpt.FORMAT, "method": method.state_dict(), "optimizer": opt.state_dict(),
@@ -408,6 +409,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
             ckpt.atomic_save(state, ck_dir / "last.pt")
             if progress:
                 bar.console.print(_epoch_line(record))
+                for line in skipped:
+                    bar.console.print(line)
     summary = None
     if main:
         summary = _summary(run, run_dir, log.read(), labels, clean, has_clean)
@@ -503,6 +506,26 @@ def _epoch_line(r: dict) -> str:
     if r.get("skipped") or r.get("test_skipped"):
         parts.append(f"skipped images: {r.get('skipped', 0)} train, {r.get('test_skipped', 0)} test")
     return "  ".join(parts)
+
+
+SKIPPED_REPORT = "skipped.json"
+
+
+def report_skipped(run_dir: Path, loaders, main: bool, show: int = 5) -> list[str]:
+    """Name every sample the loaders have skipped so far (damaged in the shards, or refused by the decoder), from
+    all ranks, in run_dir/skipped.json (rewritten at each epoch's end while there is any); returns the console
+    lines that name the first few. Every rank must call it (the decode failures are gathered)."""
+    mine = sorted({tuple(r) for ld in loaders if ld is not None for r in ld.skipped_samples})
+    every = {tuple(r) for part in dist.gather_objects(mine) for r in part}
+    if not main or not every:
+        return []
+    rows = sorted(every, key=lambda r: (r[0], r[1]))  # (split, index, key, shard, reason)
+    write_json_atomic(run_dir / SKIPPED_REPORT, [Damaged(*r)._asdict() for r in rows])
+    lines = [f"  skipped {r[0]} sample {r[1]} ({r[3]}): {r[4]}" for r in rows[:show]]
+    if len(rows) > show:
+        lines.append(f"  ... {len(rows) - show} more")
+    lines.append(f"  all {len(rows)} skipped samples: {run_dir / SKIPPED_REPORT}")
+    return lines
 
 
 def restore(checkpoint: Path, data: Path | None = None, device: str = "auto") -> tuple[Run, dict]:
