@@ -323,4 +323,4 @@ def test_help_keeps_its_square_brackets():
 
     out = CliRunner().invoke(app, ["labels", "--help"], env={**os.environ, "COLUMNS": "400"})
     assert out.exit_code == 0
-    assert "pip install 'ccl[labels]'" in out.output and "[default: the run's]" in out.output, out.output
+    assert "pip install -e '.[labels]'" in out.output and "[default: the run's]" in out.output, out.output

@@ -514,7 +514,7 @@ def require_cleanlab() -> None:
     try:
         import cleanlab  # noqa: F401
     except ImportError:
-        raise UserError("--compare-cleanlab needs cleanlab: pip install 'ccl[labels]' (or pip install cleanlab)"
+        raise UserError("--compare-cleanlab needs cleanlab: pip install -e '.[labels]' in the checkout, or pip install cleanlab"
                         ) from None
 
 
@@ -685,7 +685,7 @@ def labels_cmd(
     compare_cleanlab: bool = typer.Option(False, help="Also run cleanlab's find_label_issues and label-quality "
                                           "scores on out-of-sample probabilities from k-fold cross-validation (CE "
                                           "with the run's architecture, epochs and batch size), and compare. Needs "
-                                          "cleanlab: pip install 'ccl\\[labels]'."),
+                                          "cleanlab: pip install -e '.\\[labels]' in the checkout."),
     folds: int = typer.Option(5, help="Cross-validation folds for --compare-cleanlab."),
     cv_epochs: Optional[int] = typer.Option(None, help="Epochs per fold. \\[default: the run's]", show_default=False),
     data: Optional[Path] = typer.Option(None, help="Shard directory. \\[default: the one the run trained on]",
