@@ -514,8 +514,8 @@ def require_cleanlab() -> None:
     try:
         import cleanlab  # noqa: F401
     except ImportError:
-        raise UserError("--compare-cleanlab needs cleanlab: pip install -e '.[labels]' in the checkout, or pip install cleanlab"
-                        ) from None
+        raise UserError("--compare-cleanlab needs cleanlab: pip install -e '.[labels]' in the checkout, "
+                        "or pip install cleanlab") from None
 
 
 def compare_cleanlab(run, split: str, table: LabelTable, given: np.ndarray, clean: np.ndarray, *, folds: int,
