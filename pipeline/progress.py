@@ -11,12 +11,7 @@ class Bars:
         if enabled:
             from rich.console import Console
             from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
+                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
             )  # fmt: skip
 
             self.bar = Progress(

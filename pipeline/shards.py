@@ -690,9 +690,9 @@ def scan_labels_fast(root: Path, rec: dict, num_classes: int, has_clean: bool):
     images = [c for c in comps if c in IMAGE_EXTS]
     if len(set(comps)) != k or len(images) != 1 or LABELS_EXT not in comps or "cls" not in comps:
         return None
-    index = np.arange(first, first + count, dtype=np.int64)
     if first + count > 10**9:
         return None  # sample_key grows past 9 digits
+    index = np.arange(first, first + count, dtype=np.int64)
     key = (index[:, None] // 10 ** np.arange(8, -1, -1) % 10 + ord("0")).astype(np.uint8)  # [count, 9]
     for j, c in enumerate(comps):
         if not _tokens_equal(b, starts[:, j, 0], lens[:, j, 0], np.frombuffer(c.encode(), np.uint8)[None]):
@@ -707,7 +707,9 @@ def scan_labels_fast(root: Path, rec: dict, num_classes: int, has_clean: bool):
     off, size = off.reshape(count, k), size.reshape(count, k)
     tar = Path(root) / rec["file"]
     tar_size = tar.stat().st_size
-    if tar_size != int(rec["bytes"]) or (off % _TAR_BLOCK).any() or (off < _TAR_BLOCK).any() or (off + size > tar_size).any():
+    if tar_size != int(rec["bytes"]) or (off % _TAR_BLOCK).any() or (off < _TAR_BLOCK).any():
+        return None
+    if (off + size > tar_size).any():
         return None
     col = {c: j for j, c in enumerate(comps)}
     if (size[:, col[LABELS_EXT]] != 24).any():

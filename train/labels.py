@@ -469,14 +469,18 @@ def run_train_seconds(run_dir: Path) -> float | None:
 W_SOURCES = ("eval", "run")
 
 
+def check_w_source(w_from: str) -> None:
+    if w_from not in W_SOURCES:
+        raise UserError(f"--w must be {' or '.join(W_SOURCES)}, got {w_from!r}")
+
+
 def label_table(run, split: str, *, w_from: str = "eval", rate: float | None = None, batch_size: int = 256,
                 workers: int = 0) -> tuple[LabelTable, SampleLocations, np.ndarray, np.ndarray]:
     """The sorted table of a restored run's split, with the split's locations, given labels and clean labels.
 
     w_from="eval": w fitted here on the final nets' eval-view losses (`estimate_w`); "run": the run's own w, as
     its last epoch left it (the training split of a method that estimates w), ranked by the nets' mean."""
-    if w_from not in W_SOURCES:
-        raise UserError(f"--w must be {' or '.join(W_SOURCES)}, got {w_from!r}")
+    check_w_source(w_from)
     if split not in run.shards.splits:
         raise UserError(f"no split {split!r} in {run.shards.root}; it has {', '.join(run.shards.splits)}")
     method = run.method
@@ -566,8 +570,7 @@ def labels_report(run_path: Path, split: str = "train", *, out: Path | None = No
 
     if rate is not None and not 0 < rate <= 1:
         raise UserError(f"--rate must lie in (0, 1], got {rate:g}")
-    if w_from not in W_SOURCES:
-        raise UserError(f"--w must be {' or '.join(W_SOURCES)}, got {w_from!r}")
+    check_w_source(w_from)  # before the run is restored
     if folds < 2:
         raise UserError(f"--folds must be at least 2, got {folds}")
     if cleanlab:

@@ -515,13 +515,12 @@ def report_skipped(run_dir: Path, loaders, main: bool, show: int = 5) -> list[st
     """Name every sample the loaders have skipped so far (damaged in the shards, or refused by the decoder), from
     all ranks, in run_dir/skipped.json (rewritten at each epoch's end while there is any); returns the console
     lines that name the first few. Every rank must call it (the decode failures are gathered)."""
-    mine = sorted({tuple(r) for ld in loaders if ld is not None for r in ld.skipped_samples})
-    every = {tuple(r) for part in dist.gather_objects(mine) for r in part}
-    if not main or not every:
+    mine = sorted({r for ld in loaders if ld is not None for r in ld.skipped_samples})
+    rows = sorted({Damaged(*r) for part in dist.gather_objects(mine) for r in part})  # by split, then index
+    if not main or not rows:
         return []
-    rows = sorted(every, key=lambda r: (r[0], r[1]))  # (split, index, key, shard, reason)
-    write_json_atomic(run_dir / SKIPPED_REPORT, [Damaged(*r)._asdict() for r in rows])
-    lines = [f"  skipped {r[0]} sample {r[1]} ({r[3]}): {r[4]}" for r in rows[:show]]
+    write_json_atomic(run_dir / SKIPPED_REPORT, [r._asdict() for r in rows])
+    lines = [f"  skipped {r.split} sample {r.index} ({r.shard}): {r.reason}" for r in rows[:show]]
     if len(rows) > show:
         lines.append(f"  ... {len(rows) - show} more")
     lines.append(f"  all {len(rows)} skipped samples: {run_dir / SKIPPED_REPORT}")
