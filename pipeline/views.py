@@ -16,7 +16,6 @@ the training loop picks (the image's own size up to 64 px, else 224 px, imagenet
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Optional
@@ -49,15 +48,11 @@ UNITS = {
 MIXUP_ALPHA = 1.0  # TCL's mixup_alpha (its configs)
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("CCL_CACHE", Path.home() / ".cache" / "ccl"))
-
-
 def _open_shards(data: Optional[Path]):
     from ccl.pipeline.shards import ShardSet
 
     if data is None:
-        from ccl.pipeline.convert import ensure_digits
+        from ccl.pipeline.convert import default_cache, ensure_digits
 
         data = ensure_digits(default_cache() / "shards")
     return ShardSet.open(data)

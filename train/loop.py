@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import subprocess
@@ -46,14 +45,10 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite: the run stops; the last good checkpoint stays as it was."""
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("CCL_CACHE", Path.home() / ".cache" / "ccl"))
-
-
 def resolve_data(cfg: TrainConfig) -> Path:
     """The shard directory: --data, or the built-in digits set (built once into the cache)."""
     if cfg.data is None:
-        from ccl.pipeline.convert import ensure_digits
+        from ccl.pipeline.convert import default_cache, ensure_digits
 
         return ensure_digits(default_cache() / "shards", noise=cfg.noise, rate=cfg.noise_rate, seed=cfg.seed)
     path = Path(cfg.data)

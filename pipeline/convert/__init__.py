@@ -4,7 +4,8 @@ One module per source format (digits, cifar, animal10n, webvision, folder) lists
 loads the training labels; `engine` decodes, verifies and writes them through `ccl.pipeline.shards.ShardWriter`.
 """
 
-from ccl.pipeline.convert.engine import FORMATS, READERS, convert, ensure_digits, read_source
+from ccl.pipeline.convert.engine import FORMATS, READERS, convert, default_cache, ensure_digits, read_source
 from ccl.pipeline.convert.source import ConvertOptions, Item, Source
 
-__all__ = ["FORMATS", "READERS", "ConvertOptions", "Item", "Source", "convert", "ensure_digits", "read_source"]
+__all__ = ["FORMATS", "READERS", "ConvertOptions", "Item", "Source", "convert", "default_cache", "ensure_digits",
+           "read_source"]

@@ -437,6 +437,11 @@ def _features(items: list[Item], runner: _Runner, progress: Bars) -> np.ndarray:
 # The built-in default data
 
 
+def default_cache() -> Path:
+    """Where built-in data and benchmark sets are built once: $CCL_CACHE, else ~/.cache/ccl."""
+    return Path(os.environ.get("CCL_CACHE", Path.home() / ".cache" / "ccl"))
+
+
 def ensure_digits(cache_dir, noise: str = "sym", rate: float = 0.4, seed: int = 0) -> Path:
     """Build (once) the digits shard set with the given synthetic noise under cache_dir and return its path.
 

@@ -387,7 +387,9 @@ def bench_pipeline(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if data is None:
         if cache_dir is None:
-            cache_dir = Path(os.environ.get("CCL_CACHE", Path.home() / ".cache" / "ccl")) / "bench"
+            from ccl.pipeline.convert import default_cache
+
+            cache_dir = default_cache() / "bench"
         log(f"benchmark sets: {cache_dir} (built on first use)")
         data = default_sets(cache_dir)
     paths = [str(d) if isinstance(d, (str, os.PathLike)) else str(d.root) for d in data]  # paths or ShardSets

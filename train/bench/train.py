@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from ccl.train import loop
 from ccl.train.config import TrainConfig
-from ccl.train.loop import default_cache, train
+from ccl.pipeline.convert import default_cache
+from ccl.train.loop import train
 from ccl.train.metrics import MetricsLog
 from rich.console import Console
 from rich.table import Table
