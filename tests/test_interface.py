@@ -13,7 +13,7 @@ import torch
 from ccl.train import checkpoint as ckpt
 from ccl.train.bench.train import HostSyncCounter
 from ccl.train.config import TrainConfig, apply_overrides
-from ccl.train.loop import make_views, resolve_device, setup, train
+from ccl.train.loop import lr_at, make_optimizer, make_views, resolve_device, setup, train
 
 from ccl.errors import UserError
 
@@ -31,14 +31,16 @@ def _batches(run, n):
     return [b for b, _ in zip(loader, range(n))]
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 @pytest.mark.parametrize("schedule", ["alternate", "joint"])
-def test_one_optimiser_gives_the_updates_of_one_optimiser_per_net(digits, tmp_path, schedule):
-    cfg = small_cfg(digits, tmp_path, schedule=schedule, weight_decay=5e-4, amp=False)
+def test_one_optimiser_gives_the_updates_of_one_optimiser_per_net(digits, tmp_path, schedule, optimizer):
+    cfg = small_cfg(digits, tmp_path, schedule=schedule, weight_decay=5e-4, amp=False, optimizer=optimizer, lr=1e-3)
     run = setup(cfg, digits)
     run.method.w.uniform_(generator=torch.Generator().manual_seed(0))
     one, per_net = run.method, copy.deepcopy(run.method)
-    opt = torch.optim.Adam(one.parameters(), lr=1e-3, weight_decay=5e-4)
-    opts = [torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=5e-4) for net in per_net.nets]
+    opt = make_optimizer(cfg, one.parameters())
+    assert type(opt).__name__.lower() == optimizer
+    opts = [make_optimizer(cfg, net.parameters()) for net in per_net.nets]
     epoch = 5  # past warm-up: the alternate schedule trains one net per pass
     for batch in _batches(run, 3):
         views = make_views(run.aug, batch.images, one.views(epoch), torch.Generator().manual_seed(1))
@@ -55,7 +57,24 @@ def test_one_optimiser_gives_the_updates_of_one_optimiser_per_net(digits, tmp_pa
     for (name, a), b in zip(one.named_parameters(), per_net.parameters()):
         assert torch.equal(a, b), name
     if schedule == "alternate":  # both nets did learn, one per pass
-        assert all(s["step"] == 3 for s in opt.state.values()) and len(opt.state) == len(list(one.parameters()))
+        assert len(opt.state) == len(list(one.parameters()))
+        if optimizer == "adam":
+            assert all(s["step"] == 3 for s in opt.state.values())
+
+
+def test_the_lr_schedules_of_the_papers_code():
+    tcl = TrainConfig(epochs=200, lr=0.12, cosine=True, lr_ramp=20, lr_floor=0.01)  # Hzzone/TCL, per epoch
+    assert lr_at(tcl, 0) == pytest.approx(0.12 / 20) and lr_at(tcl, 9) == pytest.approx(0.06)
+    assert lr_at(tcl, 20) == pytest.approx(0.12)  # the cosine starts at lr after the ramp
+    assert lr_at(tcl, 120) == pytest.approx(0.0012 + (0.12 - 0.0012) * 0.5)  # cos(pi * 100 / 200) = 0
+    rolr = TrainConfig(epochs=515, lr=0.02, lr_decay_epoch=416)  # RoLR.py: lr / 10 for the last 99 epochs
+    assert lr_at(rolr, 415) == pytest.approx(0.02) and lr_at(rolr, 416) == pytest.approx(0.002)
+    assert lr_at(rolr, 514) == pytest.approx(0.002)
+    plain = TrainConfig(epochs=10, cosine=True)  # the cosine as it was: to 0, no ramp
+    assert lr_at(plain, 0) == pytest.approx(1e-3) and lr_at(plain, 5) == pytest.approx(5e-4)
+    for bad in ({"optimizer": "lamb"}, {"momentum": 1.0}, {"lr_floor": 2.0}, {"lr_decay": 0.0}, {"lr_ramp": -1}):
+        with pytest.raises(UserError):
+            TrainConfig(**bad).validate()
 
 
 @pytest.mark.parametrize("method", ["ce", "ccl", "rolr", "tcl"])

@@ -63,16 +63,25 @@ def train(
     data: Optional[Path] = typer.Option(None, help="Shard directory from tools/shard.py. Default: the built-in "
                                         "digits set with --noise/--noise-rate, built into ~/.cache/ccl on first use.",
                                         show_default=False),
-    method: str = typer.Option(_D.method, help="ccl, tcl, rolr or ce."),
+    method: str = typer.Option(_D.method, help="ccl, tcl, rolr, dividemix or ce."),
     arch: str = typer.Option(_D.arch, help="auto, resnet18, resnet50, resnet_small or resnet_tiny; auto takes the "
                              "paper's choice for the dataset."),
     epochs: int = typer.Option(_D.epochs, help="Epochs in all, warm-up included."),
     warmup: Optional[int] = typer.Option(None, help="Warm-up epochs of plain CE. Default: the method's (10 for "
                                          "ccl and rolr, 20 for tcl).", show_default=False),
     batch_size: int = typer.Option(_D.batch_size, help="Batch size."),
-    lr: float = typer.Option(_D.lr, help="Adam learning rate."),
-    weight_decay: float = typer.Option(_D.weight_decay, help="Adam weight decay."),
-    cosine: bool = typer.Option(_D.cosine, "--cosine/--no-cosine", help="Cosine lr decay over the run."),
+    optimizer: str = typer.Option(_D.optimizer, help="adam (the CCL paper's) or sgd (RoLR's, DivideMix's and "
+                                  "TCL's code; their recipes set it)."),
+    lr: float = typer.Option(_D.lr, help="Learning rate."),
+    momentum: float = typer.Option(_D.momentum, help="SGD momentum (Adam keeps its betas 0.9, 0.999)."),
+    weight_decay: float = typer.Option(_D.weight_decay, help="Weight decay (coupled L2, as torch applies it)."),
+    cosine: bool = typer.Option(_D.cosine, "--cosine/--no-cosine", help="Cosine lr decay over the run, per epoch."),
+    lr_ramp: int = typer.Option(_D.lr_ramp, help="Epochs of linear lr ramp-up at the start (TCL's code)."),
+    lr_floor: float = typer.Option(_D.lr_floor, help="Where the cosine ends, as a fraction of --lr."),
+    lr_decay_epoch: Optional[int] = typer.Option(None, help="From this epoch on (counted from 0, warm-up "
+                                                 "included) the lr is multiplied by --lr-decay. Default: never.",
+                                                 show_default=False),
+    lr_decay: float = typer.Option(_D.lr_decay, help="The factor of that step."),
     schedule: str = typer.Option(_D.schedule, help="Twin schedule: alternate (the paper's: one net trains, the peer "
                                  "is fixed, then the reverse) or joint."),
     confidence: str = typer.Option(_D.confidence, help="Label confidence from a full pass over the training set "

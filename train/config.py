@@ -19,6 +19,7 @@ from ccl.errors import UserError
 from ccl.train.losses import Ablation
 
 SCHEDULES = ("alternate", "joint")
+OPTIMIZERS = ("adam", "sgd")
 CONFIDENCE = ("full", "inline")
 CONFIDENCE_VIEWS = ("strong", "weak")
 
@@ -154,9 +155,17 @@ class TrainConfig:
     epochs: int = 30
     warmup: int | None = None  # None = the method's default
     batch_size: int = 128
-    lr: float = 1e-3  # Adam, as in the paper
-    weight_decay: float = 0.0
-    cosine: bool = False  # cosine lr decay to 0 over the run (per epoch)
+    optimizer: str = "adam"  # the CCL paper's; "sgd" is RoLR's, DivideMix's and TCL's (their recipes)
+    lr: float = 1e-3  # the CCL paper's (Adam)
+    momentum: float = 0.9  # SGD's; Adam keeps its betas (0.9, 0.999), the paper's "Adam (momentum=0.9)"
+    weight_decay: float = 0.0  # coupled L2, as torch's Adam and SGD apply it
+    # The lr, set per epoch (`ccl.train.loop.lr_at`): a linear ramp over the first lr_ramp epochs, then constant
+    # or cosine from lr down to lr_floor x lr; times lr_decay from epoch lr_decay_epoch on.
+    cosine: bool = False
+    lr_ramp: int = 0  # TCL's code ramps the lr up over its warm-up epochs
+    lr_floor: float = 0.0  # the cosine's end, a fraction of lr (TCL's learning_eta_min)
+    lr_decay_epoch: int | None = None  # RoLR's and DivideMix's step: lr / 10 from an epoch on
+    lr_decay: float = 0.1
     amp: bool = True  # bf16 autocast on CPU, fp16 + GradScaler on CUDA
     device: str = "auto"
     seed: int = 0
@@ -200,6 +209,12 @@ class TrainConfig:
         _check(self.batch_size >= 2, "batch size must be at least 2")
         _check(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive finite number, got {self.lr}")
         _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight decay must be >= 0")
+        _check(self.optimizer in OPTIMIZERS, f"unknown optimizer {self.optimizer!r}; expected {' or '.join(OPTIMIZERS)}")
+        _check(0 <= self.momentum < 1, f"momentum must lie in [0, 1), got {self.momentum}")
+        _check(self.lr_ramp >= 0, "lr ramp must be >= 0 epochs")
+        _check(0 <= self.lr_floor <= 1, f"lr floor must lie in [0, 1], got {self.lr_floor}")
+        _check(self.lr_decay_epoch is None or self.lr_decay_epoch >= 0, "lr decay epoch must be >= 0")
+        _check(math.isfinite(self.lr_decay) and self.lr_decay > 0, f"lr decay must be positive, got {self.lr_decay}")
         _check(0 <= self.noise_rate < 1, f"noise rate must lie in [0, 1), got {self.noise_rate}")
         _check(self.workers >= 0, "workers must be >= 0")
         _check(0 <= self.val_fraction <= 0.5, f"val fraction must lie in [0, 0.5], got {self.val_fraction}")

@@ -104,7 +104,8 @@ def _cv_config(run, data: Path, out: Path, name: str, epochs: int | None, batch_
               "warmup": 0, "batch_size": batch_size, "workers": workers, "out": str(out), "name": name,
               "seed": cfg.seed}
     # Options that may not exist in every config layout: taken from the run when both sides have them.
-    for key in ("lr", "weight_decay", "cosine", "amp", "device", "backend"):
+    for key in ("optimizer", "lr", "momentum", "weight_decay", "cosine", "lr_ramp", "lr_floor", "lr_decay_epoch",
+                "lr_decay", "amp", "device", "backend"):
         if key in fields and hasattr(cfg, key):
             values[key] = getattr(cfg, key)
     if "device" in fields:

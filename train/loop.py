@@ -80,10 +80,30 @@ def precision(device: torch.device, enabled: bool):
 
 
 def lr_at(cfg: TrainConfig, epoch: int) -> float:
-    """Constant, or cosine-decayed per epoch: a pure function of the epoch."""
-    if not cfg.cosine:
-        return cfg.lr
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    """The lr of an epoch (0-based), a pure function of it: lr x (epoch + 1) / lr_ramp over the first lr_ramp
+    epochs; then lr, or with `cosine` floor + (lr - floor) (1 + cos(pi (epoch - lr_ramp) / epochs)) / 2 with
+    floor = lr_floor x lr (Hzzone/TCL models/basic_template.py `cosine_annealing_LR`, there per iteration); all
+    times lr_decay from lr_decay_epoch on (LiJunnan1992/DivideMix Train_cifar.py l.244-245, chenmc1996/Robust-LR
+    RoLR.py l.281-284)."""
+    if epoch < cfg.lr_ramp:
+        lr = cfg.lr * (epoch + 1) / cfg.lr_ramp
+    elif cfg.cosine:
+        floor = cfg.lr_floor * cfg.lr
+        lr = floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * (epoch - cfg.lr_ramp) / cfg.epochs))
+    else:
+        lr = cfg.lr
+    if cfg.lr_decay_epoch is not None and epoch >= cfg.lr_decay_epoch:
+        lr *= cfg.lr_decay
+    return lr
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """One optimiser over every parameter: a net that does not learn in a pass has no gradient and both Adam and
+    SGD skip it, which gives the same updates (weight decay, moments and momentum included) as one optimiser per
+    net (tests/test_interface.py)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def seed_everything(seed: int) -> None:
@@ -239,7 +259,7 @@ def train_epoch(run: Run, opt, scaler, ctx, rng: Rng, loader, epoch: int, bar) -
             views = make_views(run.aug, batch.images, names, rng.device)
             with ctx:
                 step = model(batch, views, epoch, p, rng)
-            opt.zero_grad(set_to_none=True)  # a net that did not learn this pass keeps grad None: Adam skips it
+            opt.zero_grad(set_to_none=True)  # a net that did not learn this pass keeps grad None: opt skips it
             scaler.scale(step.loss).backward()
             scaler.step(opt)
             scaler.update()
@@ -289,9 +309,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
     log = MetricsLog(run_dir / "metrics.jsonl")
 
     ctx, scaler = precision(device, cfg.amp)
-    # One optimiser over every parameter: a net that does not learn in a pass has no gradient and is skipped,
-    # which gives the same updates (weight decay and moments included) as one optimiser per net.
-    opt = torch.optim.Adam(method.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, method.parameters())
     seed = dist.rank_seed(cfg.seed)  # each rank augments its samples with its own stream; rank 0 with the run's
     rng = Rng(torch.Generator(device=device).manual_seed(seed), random.Random(seed))
 
