@@ -199,6 +199,20 @@ def test_resume_refuses_a_changed_run_unless_asked_and_records_it(digits, tmp_pa
     assert record["changes"] == [{"from_epoch": 1, "changed": {"lr": [3e-3, 1e-2]}}]
 
 
+def test_resume_of_a_run_that_predates_an_option_takes_its_default(digits, tmp_path):
+    cfg = small_cfg(digits, tmp_path, method="ce", epochs=1)
+    train(cfg, progress=False)
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    for key in ("momentum", "lr_ramp", "optimizer"):  # as a checkpoint written before these options existed
+        del state["config"][key]
+    del state["config"]["ccl"]["tau"]
+    torch.save(state, last)
+    train(replace(cfg, epochs=2), resume=True, progress=False)  # the defaults: the same run
+    with pytest.raises(UserError, match=r"--resume would change the run: optimizer \('adam' -> 'sgd'\)"):
+        train(replace(cfg, epochs=3, optimizer="sgd"), resume=True, progress=False)
+
+
 def test_a_run_without_noise_reports_auroc_as_not_applicable(tmp_path):
     from ccl.pipeline.convert import ensure_digits
 

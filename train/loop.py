@@ -452,9 +452,20 @@ def _summary(run: Run, run_dir: Path, history: list[dict], labels, clean, has_cl
 
 
 def _resume_changes(saved: dict, cfg: TrainConfig, allow: bool) -> dict:
-    """{option: (saved, now)} for every option that changed, other than the free ones; refused unless allowed."""
-    now = cfg.to_dict()
-    changes = {k: (saved.get(k), now[k]) for k in now if k not in FREE_ON_RESUME and saved.get(k) != now[k]}
+    """{option: (saved, now)} for every option that changed, other than the free ones; refused unless allowed.
+
+    An option the saved run predates (one added to ccl since) counts as its default: new options default to
+    the behaviour that runs had before them."""
+    now, default = cfg.to_dict(), TrainConfig().to_dict()
+
+    def before(key: str):
+        if key not in saved:
+            return default[key]
+        if isinstance(saved[key], dict) and isinstance(default[key], dict):  # a method section: the same, per key
+            return {**default[key], **saved[key]}
+        return saved[key]
+
+    changes = {k: (before(k), now[k]) for k in now if k not in FREE_ON_RESUME and before(k) != now[k]}
     if changes and not allow:
         first = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(changes.items())[:3])
         raise UserError(f"--resume would change the run: {first}; pass --allow-changes to continue with them "
