@@ -1,4 +1,5 @@
-"""Networks: torchvision ResNets (CIFAR stem for small images) and a small ResNet, each with a projection head.
+"""Networks: torchvision ResNets (CIFAR stem for small images), the baselines' pre-activation ResNet-18 and a small
+ResNet, each with a projection head.
 
 Every network's ``forward`` returns ``(logits, embedding)``: the classifier's logits and the L2-normalised output
 of the projection head (DESIGN §5: Linear(d, d) - BN - ReLU - Linear(d, proj_dim)).
@@ -16,7 +17,7 @@ from torchvision.models.resnet import BasicBlock
 
 from ccl.errors import UserError
 
-ARCHS = ("resnet18", "resnet50", "resnet_small", "resnet_tiny")
+ARCHS = ("resnet18", "preact_resnet18", "resnet50", "resnet_small", "resnet_tiny")
 
 
 def _cifar_stem(net: torchvision.models.ResNet) -> None:
@@ -50,12 +51,61 @@ class SmallResNet(nn.Module):
         return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # [N, C]
 
 
+class PreActBlock(nn.Module):
+    """A pre-activation basic block as LiJunnan1992/DivideMix PreResNet.py l.37-60 has it (chenmc1996/Robust-LR's
+    PreResNet.py has the same block): BN-ReLU first; the shortcut (identity, or a 1x1 conv without BN when the shape
+    changes) takes the activated input, not the raw one; no activation after the sum."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout
+                         else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn1(x))  # [N, cin, h, w]
+        out = self.conv2(F.relu(self.bn2(self.conv1(a))))  # [N, cout, h/stride, w/stride]
+        return out + self.shortcut(a)
+
+
+class PreActResNet18(nn.Module):
+    """The network RoLR's, DivideMix's and TCL's code train on CIFAR: `ResNet18` of LiJunnan1992/DivideMix
+    PreResNet.py l.162-163 (the class at l.120-159; chenmc1996/Robust-LR's PreResNet.py builds the same network; TCL's configs
+    name `bigresnet18_preact`, its `preact_resnet.ResNet18`). A 3x3/1 conv with BN and ReLU, then four stages of two
+    `PreActBlock`s (64, 128, 256, 512 channels; stride 2 from the second stage), no BN or ReLU after the last block,
+    then the average pool. The code pools 4x4 windows, which is the global pool at 32 px; here the pool is global
+    at any size. PyTorch's default initialisation, as the code leaves it. 11,171,274 parameters with its 10-class
+    linear layer (tests/test_model.py)."""
+
+    def __init__(self, widths: tuple[int, ...] = (64, 128, 256, 512), blocks: int = 2):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]),
+                                  nn.ReLU(inplace=True))
+        layers, cin = [], widths[0]
+        for i, cout in enumerate(widths):
+            for j in range(blocks):
+                layers.append(PreActBlock(cin, cout, 2 if i > 0 and j == 0 else 1))
+                cin = cout
+        self.blocks = nn.Sequential(*layers)
+        self.out_dim = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))  # [N, 512, h/8, w/8]
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # [N, 512]
+
+
 def _backbone(arch: str, small_input: bool) -> tuple[nn.Module, int]:
     if arch == "resnet_small":
         body = SmallResNet((32, 64, 128))
         return body, body.out_dim
     if arch == "resnet_tiny":
         body = SmallResNet((8, 16, 32))
+        return body, body.out_dim
+    if arch == "preact_resnet18":
+        body = PreActResNet18()
         return body, body.out_dim
     if arch in ("resnet18", "resnet50"):
         net = getattr(torchvision.models, arch)(weights=None)
