@@ -518,10 +518,10 @@ class _EpochBatches(Sampler):
         )
 
     def __iter__(self):
-        return iter(self.plan())
+        return iter(self.plan() if self.n >= self.world_size else [])  # too few samples for the ranks: none
 
     def __len__(self) -> int:
-        return steps_per_epoch(self.n, self.batch_size, self.world_size)
+        return steps_per_epoch(self.n, self.batch_size, self.world_size) if self.n >= self.world_size else 0
 
 
 def _identity(x):
@@ -653,6 +653,18 @@ class TorchLoader(Loader):
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
         self._sampler.epoch = self.epoch
+
+    def select(self, subset: np.ndarray) -> None:
+        """Read only these sample indices from the next pass on (a method's sampler over part of the split, e.g.
+        DivideMix's labelled samples), with the same exact-epoch guarantee over them. Fewer samples than ranks (none
+        included) give a pass of no steps on every rank. The workers stay: the sampler runs in this process."""
+        keep = np.intersect1d(self.index.keep, np.asarray(subset, np.int64))
+        n = len(keep)
+        self._sampler.keep, self._sampler.n = keep, n
+        lo, hi = rank_range(n, self.rank, self.world_size)
+        self.num_samples = hi - lo if n >= self.world_size else 0
+        self.steps = len(self._sampler)
+        self.sizes = batch_sizes(self.num_samples, self.steps, self.batch_size) if self.steps else []
 
     def plan(self) -> list[np.ndarray]:
         """The index batches this rank reads in the current epoch."""

@@ -86,7 +86,7 @@ class SkippedRecord(BaseModel):
 class Manifest(_Strict):
     format_version: Literal[FORMAT_VERSION]
     dataset: Annotated[StrictStr, Field(pattern=PLAIN_NAME)]
-    num_classes: Annotated[StrictInt, Field(ge=1, le=1_000_000)]
+    num_classes: Annotated[StrictInt, Field(ge=2, le=1_000_000)]  # one class leaves nothing to learn
     classes: list[StrictStr]
     image_size: Optional[Annotated[list[Side], Field(min_length=2, max_length=2)]]  # [height, width]; null: varies
     mean: Annotated[list[Unit], Field(min_length=3, max_length=3)]  # per RGB channel, of pixels scaled to [0, 1]

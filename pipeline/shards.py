@@ -40,6 +40,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
+from ccl import files
 from ccl.errors import UserError
 from ccl.pipeline import manifest as schema
 from ccl.pipeline.manifest import FORMAT_VERSION  # noqa: F401 - the writer's format, re-exported
@@ -88,14 +89,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a hidden temporary sibling, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `data` to a hidden temporary sibling, fsync, then rename over `path` (`ccl.files.write_atomic`: a
+    refused write is one line naming the path and the free space, and leaves no temporary file)."""
+    files.write_atomic(path, data)
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -168,6 +164,28 @@ class ShardWriter:
         self._first = 0
 
     def write(self, index: int, image: bytes, ext: str, label: int, clean: int) -> None:
+        try:
+            self._write(index, image, ext, label, clean)
+        except OSError as e:
+            self.abort()
+            raise files.write_error(self.out_dir, e) from None
+        except UserError:  # the index file's write, refused
+            self.abort()
+            raise
+
+    def close(self) -> list[dict]:
+        try:
+            if self._file is not None:
+                self._finish_shard()
+        except OSError as e:
+            self.abort()
+            raise files.write_error(self.out_dir, e) from None
+        except UserError:
+            self.abort()
+            raise
+        return self.shards
+
+    def _write(self, index: int, image: bytes, ext: str, label: int, clean: int) -> None:
         if index != self.count:
             raise ValueError(f"{self.split}: sample {index} written out of order (expected {self.count})")
         if ext not in IMAGE_EXTS:
@@ -195,17 +213,17 @@ class ShardWriter:
         if self.count - self._first == self.shard_size:
             self._finish_shard()
 
-    def close(self) -> list[dict]:
-        if self._file is not None:
-            self._finish_shard()
-        return self.shards
-
     def abort(self) -> None:
         """Drop the shard being written (its temporary file); finished shards stay for the caller to clean."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()  # flushes its buffer, which fails again on a full disk
+            except OSError:
+                pass
+            finally:
+                self._file = None
+        if self._tmp is not None:  # also when the shard was closed but its index could not be written
             self._tmp.unlink(missing_ok=True)
-            self._file = None
 
     def _open_shard(self) -> None:
         name = shard_name(self.split, len(self.shards))
@@ -451,6 +469,8 @@ def _png_problem(data: bytes) -> str | tuple[int, int]:
                 return f"PNG: image size {w}x{h} out of range"
             if depth not in _PNG_DEPTHS.get(color, ()):
                 return f"PNG: bit depth {depth} with colour type {color} is invalid"
+            if depth == 16:  # torchvision decodes it to uint16, which an 8-bit batch would misread (as black)
+                return "PNG: 16-bit samples; the loaders read 8 bits (tools/shard.py stores such images as 8-bit)"
             if comp or filt or interlace > 1:
                 return "PNG: unknown compression, filter or interlace method"
             ihdr = (w, h, depth, color, interlace)

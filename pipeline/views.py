@@ -15,7 +15,6 @@ the training loop picks (the image's own size up to 64 px, else 224 px, imagenet
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Optional
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import typer
 
+from ccl import files
 from ccl.errors import UserError
 from ccl.pipeline.augment import (
     OP_INDEX,
@@ -185,8 +185,7 @@ def render_views(
     original = aug.eval_view(x)
     rows = [_to_pixels(aug, v) for v in (original, weak, strong, mixed, c1, c2)]
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = files.make_dir(out)
     grid = out / "views.png"
     if use_matplotlib is None:
         try:
@@ -211,7 +210,7 @@ def render_views(
         **draw_summary(aug, tuple(x.shape[-2:]), draws, torch.Generator().manual_seed(seed + 1)),
     }
     path = out / "views.json"
-    path.write_text(json.dumps(summary, indent=1) + "\n")
+    files.write_json(path, summary, indent=1)
     return {"grid": grid, "json": path, "summary": summary}
 
 

@@ -155,7 +155,7 @@ def test_instance_noise_is_xias_per_sample_loop():
 
 def test_instance_features_are_raw_pixels_in_chw_order():
     arr = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)  # HWC, as readers hold it
-    out = _feature_chunk([Item("a", 0, array=arr)])
+    out = _feature_chunk(([Item("a", 0, array=arr)], 1 << 20))
     assert out.dtype == np.uint8 and (out[0] == arr.transpose(2, 0, 1).reshape(-1)).all()
 
 

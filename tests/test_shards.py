@@ -408,7 +408,8 @@ def test_interrupted_conversion_leaves_no_manifest_and_rerun_completes(tmp_path,
     with pytest.raises(KeyboardInterrupt):
         convert("cifar10", tmp_path / "raw", out, opts(shard_size=16), log=quiet)
     monkeypatch.setattr(ShardWriter, "_finish_shard", original)
-    assert calls == [1] and (out / "train-000000.tar").exists()
+    # shards without a manifest are of no use: the interrupted conversion removes what it wrote
+    assert calls == [1] and not (out / "train-000000.tar").exists()
     assert not (out / "manifest.json").exists()
     with pytest.raises(UserError, match="manifest.json is missing"):
         ShardSet.open(out)
@@ -704,7 +705,10 @@ def test_image_structure_check_accepts_what_the_decoders_read():
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)
     rgb = Image.fromarray(arr)
-    good = [_png(rgb.convert(mode)) for mode in ("RGB", "L", "RGBA", "P", "1", "LA", "I;16")]
+    good = [_png(rgb.convert(mode)) for mode in ("RGB", "L", "RGBA", "P", "1", "LA")]
+    # 16-bit samples: torchvision decodes them to uint16, which an 8-bit batch misreads; refused here, stored as
+    # 8-bit by tools/shard.py
+    assert "16-bit" in image_problem(_png(rgb.convert("I;16")))
     interlaced = _interlaced_png(13, 11)
     good.append(interlaced)
     for kw in ({}, {"progressive": True}, {"optimize": True}, {"subsampling": 0}, {"quality": 20},

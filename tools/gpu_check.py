@@ -540,8 +540,9 @@ def make_data(out: Path, mode: str, names: list[str]) -> None:
                      for lo in range(0, count, step)]
         with ProcessPoolExecutor(min(cpus, len(jobs))) as pool:
             list(pool.map(_write_images, jobs))
+        # the smoke sets are a few images over 10 random classes: some classes may hold none, kept as classes
         opts = ConvertOptions(noise="sym", noise_rate=0.4, seed=0, shard_size=2048, workers=cpus, progress=False,
-                              overwrite=True)
+                              overwrite=True, allow_empty_classes=True)
         convert("folder", raw, final, opts, log=lambda s: None)
         shutil.rmtree(raw.parent, ignore_errors=True)
         print(f"{final.name}: {time.monotonic() - t0:.1f} s", flush=True)

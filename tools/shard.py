@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="an undecodable image is an error, not a skipped sample")
     p.add_argument("--skip-missing", action="store_true",
                    help="skip (and list) file-list entries whose image is missing instead of failing")
+    p.add_argument("--max-image-bytes", type=int, default=None, metavar="N",
+                   help="skip (and list) an image file larger than N bytes (default 256 MiB); only regular files "
+                   "are read: devices, FIFOs and sockets are skipped and listed")
+    p.add_argument("--allow-empty-classes", action="store_true",
+                   help="folder: keep class folders that hold no images (an error otherwise)")
     p.add_argument("--test-fraction", type=float, default=0.2, metavar="F",
                    help="folder without train/ and test/: held-out fraction per class (default 0.2)")
     p.add_argument("--webvision-lists", default="google", metavar="google[,flickr]",
@@ -97,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             imagenet_val=args.imagenet_val,
             imagenet_labels=args.imagenet_labels,
             progress=not args.no_progress and sys.stderr.isatty(),
+            allow_empty_classes=args.allow_empty_classes,
+            **({} if args.max_image_bytes is None else {"max_image_bytes": args.max_image_bytes}),
         )
         result = convert(args.format, src, out, opts, log=lambda s: print(s, file=sys.stderr))
     except UserError as e:

@@ -7,13 +7,14 @@ and CIFAR's own pickles that tools/shard.py reads are still pickles: load only f
 
 from __future__ import annotations
 
-import os
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ccl import files
 from ccl.errors import UserError
 
 FORMAT = 2  # 2: one optimiser over all parameters, RNG states as plain types, weights-only loading
@@ -22,11 +23,11 @@ IDENTITY_FIELDS = ("method", "arch", "num_classes", "dataset", "num_train", "sch
 REQUIRED = ("format", "method", "optimizer", "scaler", "rng", "epoch", "best", "identity", "config")
 
 
-def atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a kill mid-write leaves the previous checkpoint intact
+def atomic_save(obj: dict, path: Path, also: tuple[Path, ...] = ()) -> None:
+    """obj to `path` (and the same bytes under each of `also`, renamed first), whole or not at all: a kill or a
+    full disk mid-write leaves the previous checkpoints as they were, and no temporary file."""
+    files.make_dir(path.parent)
+    files.write_atomic(path, lambda f: torch.save(obj, f), also=also)
 
 
 def rng_state(rng) -> dict:
@@ -69,6 +70,8 @@ def load(path: Path) -> dict:
     """A checkpoint of this version, read without running code; anything else is one line naming the problem."""
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # what torch.save writes; a text file, an image, a legacy pickle are not
+        raise UserError(f"{path} is not a ccl checkpoint (not a PyTorch zip file); pass a runs/NAME/checkpoints/*.pt")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, foreign, or a pickle holding objects (which weights_only refuses to run)

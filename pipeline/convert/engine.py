@@ -28,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 import ccl
+from ccl import files
 from ccl.errors import UserError
 from ccl.pipeline import manifest as schema
 from ccl.pipeline.convert import noise as noise_mod
@@ -35,7 +36,9 @@ from ccl.pipeline.convert.animal10n import read_animal10n
 from ccl.pipeline.convert.cifar import read_cifar
 from ccl.pipeline.convert.digits import read_digits
 from ccl.pipeline.convert.folder import read_folder
-from ccl.pipeline.convert.source import SPLIT_SEED, ConvertOptions, Item, Source
+from ccl.pipeline.convert.source import (
+    MAX_IMAGE_BYTES, SPLIT_SEED, ConvertOptions, Item, NotAnImage, Source, read_image_file,
+)  # fmt: skip
 from ccl.pipeline.convert.webvision import read_webvision
 from ccl.pipeline.progress import Bars
 from ccl.pipeline.shards import FORMAT_VERSION, MANIFEST, ShardWriter, die_with_parent, image_problem, write_json_atomic
@@ -60,7 +63,7 @@ READERS: dict[str, Callable[..., Source]] = {
     "cifar100": lambda src, opts: read_cifar(src, "cifar100"),
     "animal10n": lambda src, opts: read_animal10n(src),
     "webvision": read_webvision,
-    "folder": lambda src, opts: read_folder(src, opts.test_fraction),
+    "folder": lambda src, opts: read_folder(src, opts.test_fraction, opts.allow_empty_classes),
 }
 FORMATS = tuple(READERS)
 
@@ -75,12 +78,12 @@ def read_source(fmt: str, src, opts: ConvertOptions) -> Source:
 # Workers: read, verify by a full decode, encode. Module-level functions so the pool can pickle them.
 
 
-def _encode_chunk(task: tuple[list[Item], list[bool]]) -> list[tuple]:
-    items, want_stats = task
-    return [_encode_one(it, w) for it, w in zip(items, want_stats)]
+def _encode_chunk(task: tuple[list[Item], list[bool], int]) -> list[tuple]:
+    items, want_stats, max_bytes = task
+    return [_encode_one(it, w, max_bytes) for it, w in zip(items, want_stats)]
 
 
-def _encode_one(item: Item, want_stats: bool) -> tuple:
+def _encode_one(item: Item, want_stats: bool, max_bytes: int = MAX_IMAGE_BYTES) -> tuple:
     """("ok", bytes, ext, h, w, stats | None, reencoded) or ("bad", reason). JPEG and PNG bytes are kept as they
     are when they pass the shard reader's structure check (`image_problem`, what every training decoder can be
     handed); otherwise the image is stored as PNG re-encoded from PIL's decode, and `reencoded` says why.
@@ -100,8 +103,7 @@ def _encode_one(item: Item, want_stats: bool) -> tuple:
             if want_stats:
                 stats = _rgb_stats(im)
         else:
-            with open(item.path, "rb") as f:
-                data = f.read()
+            data = read_image_file(item.path, max_bytes)
             with Image.open(io.BytesIO(data)) as im:
                 im.load()  # a full decode: truncated or corrupt files fail here, not in training
                 w, h = im.size
@@ -113,7 +115,7 @@ def _encode_one(item: Item, want_stats: bool) -> tuple:
                     # ancillary chunk, a JPEG with an odd marker, arithmetic coding): store PIL's pixels.
                     reencoded = image_problem(data)
                 if want_stats or reencoded:
-                    rgb = im if im.mode == "RGB" else im.convert("RGB")
+                    rgb = rgb8(im)
                     if want_stats:
                         stats = _rgb_stats(rgb)
                     if reencoded:
@@ -123,6 +125,8 @@ def _encode_one(item: Item, want_stats: bool) -> tuple:
             raise AssertionError(f"re-encoded PNG fails the structure check: {why}")
     except FileNotFoundError:
         return ("bad", "missing file")
+    except NotAnImage as e:
+        return ("bad", str(e))
     except AssertionError:
         raise
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError...; all mean "undecodable"
@@ -152,20 +156,32 @@ def _png_bytes(im) -> bytes:
     return buf.getvalue()
 
 
-def _feature_chunk(items: list[Item]) -> np.ndarray:
+def rgb8(im):
+    """8-bit RGB pixels of a decoded PIL image. 16-bit grey (PIL's I;16 modes, or I from a PNG) keeps its top
+    byte, the rule PIL itself applies to 16-bit colour PNGs; PIL's convert("RGB") would clip it at 255 instead."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+        grey = (np.clip(np.asarray(im, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)  # [H, W]
+        return Image.fromarray(grey, "L").convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def _feature_chunk(task: tuple[list[Item], int]) -> np.ndarray:
     """uint8 [n, 3*32*32]: images resized to 32x32 RGB, flattened in CHW order, the layout of CIFAR's pickles that
     Xia et al.'s instance-noise generator reads (zeros where a file does not decode)."""
     from PIL import Image
 
+    items, max_bytes = task
     out = np.zeros((len(items), FEATURE_SIZE * FEATURE_SIZE * 3), dtype=np.uint8)
     for i, it in enumerate(items):
         try:
             if it.array is not None:
                 im = Image.fromarray(np.ascontiguousarray(it.array))
             else:
-                im = Image.open(it.path)
+                im = Image.open(io.BytesIO(read_image_file(it.path, max_bytes)))
                 im.load()
-            im = im.convert("RGB")
+            im = rgb8(im)
             if im.size != (FEATURE_SIZE, FEATURE_SIZE):
                 im = im.resize((FEATURE_SIZE, FEATURE_SIZE), Image.BILINEAR)
             out[i] = np.asarray(im).transpose(2, 0, 1).reshape(-1)  # HWC -> CHW
@@ -229,7 +245,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _clean_out(out: Path) -> None:
     """Remove a previous (partial or overwritten) conversion's files; leave anything else alone."""
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_dir(out)
     # The manifest goes first, so an interrupted overwrite never looks complete.
     (out / MANIFEST).unlink(missing_ok=True)
     for p in out.iterdir():
@@ -259,11 +275,16 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
         raise UserError(f"--shard-size must be at least 1, got {opts.shard_size}")
     if opts.num_classes is not None and opts.num_classes < 1:
         raise UserError(f"--num-classes must be positive, got {opts.num_classes}")
+    if opts.max_image_bytes < 1:
+        raise UserError(f"--max-image-bytes must be at least 1, got {opts.max_image_bytes}")
     out = Path(out)
     _check_out(out, opts.overwrite)
 
     source = read_source(fmt, src, opts)
     num_classes = len(source.classes)
+    if num_classes < 2:
+        raise UserError(f"{fmt}: {num_classes} class{'es' if num_classes != 1 else ''} "
+                        f"({', '.join(source.classes) or 'none'}); a data set needs at least 2 classes")
     if opts.num_classes is not None and opts.num_classes != num_classes:
         raise UserError(f"--num-classes {opts.num_classes}: {fmt} has {num_classes} classes")
     labels_of = {s: np.array([it.label for it in items], dtype=np.int64) for s, items in source.splits.items()}
@@ -274,6 +295,7 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
     runner = _Runner(workers)
     progress = Bars(opts.progress)
     writer = None
+    started = False
     try:
         # --- training labels: the source's, a label file's, or synthetic noise; the true label is kept
         given = labels_of["train"]
@@ -285,7 +307,7 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
         elif opts.noise != "none":
             features = None
             if opts.noise == "instance":
-                features = _features(source.splits["train"], runner, progress)
+                features = _features(source.splits["train"], runner, progress, opts.max_image_bytes)
             train_label, noise_info = noise_mod.make_noisy_labels(
                 opts.noise, given, num_classes, opts.noise_rate, opts.seed, dataset=source.dataset, features=features
             )
@@ -295,6 +317,7 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
             train_clean = given if source.train_clean else np.full_like(given, -1)
 
         _clean_out(out)
+        started = True
         splits_meta: dict[str, dict] = {}
         skipped = list(source.skipped)
         reencoded: list[dict] = []
@@ -315,7 +338,8 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
             # mean/std: every train image up to STATS_IMAGES, else an evenly strided (deterministic) subset.
             stride = max(1, math.ceil(len(items) / STATS_IMAGES))
             want = [is_train and pos % stride == 0 for pos in range(len(items))]
-            results = runner.map(_encode_chunk, zip(_chunks(ordered, CHUNK), _chunks(want, CHUNK)))
+            tasks = ((i, w, opts.max_image_bytes) for i, w in zip(_chunks(ordered, CHUNK), _chunks(want, CHUNK)))
+            results = runner.map(_encode_chunk, tasks)
             pos = 0
             for chunk_results in results:
                 for res in chunk_results:
@@ -358,6 +382,8 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
             writer.abort()
         runner.close(cancel=True)
         progress.stop()
+        if started:  # shards without a manifest are of no use: leave OUT as a rerun would find it, and the disk
+            _clean_out(out)
         raise
     runner.close()
     progress.stop()
@@ -394,7 +420,11 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
     wrong = schema.problems(manifest)
     if wrong:  # what we write must be what every reader accepts
         raise ValueError(f"the converter built a manifest its own schema refuses: {'; '.join(wrong)}")
-    write_json_atomic(out / MANIFEST, manifest)
+    try:
+        write_json_atomic(out / MANIFEST, manifest)
+    except UserError:
+        _clean_out(out)
+        raise
     for note in manifest["notes"]:
         log(f"{'warning' if note == noise_entry.get('warning') else 'note'}: {note}")
     if skipped:
@@ -419,15 +449,17 @@ def _options_record(opts: ConvertOptions) -> dict:
         "strict": opts.strict,
         "skip_missing": opts.skip_missing,
         "test_fraction": opts.test_fraction,
+        "max_image_bytes": opts.max_image_bytes,
+        "allow_empty_classes": opts.allow_empty_classes,
         "webvision_lists": list(opts.webvision_lists),
         "imagenet_val": bool(opts.imagenet_val),
     }
 
 
-def _features(items: list[Item], runner: _Runner, progress: Bars) -> np.ndarray:
+def _features(items: list[Item], runner: _Runner, progress: Bars, max_bytes: int) -> np.ndarray:
     task = progress.add("features", len(items))
     parts = []
-    for part in runner.map(_feature_chunk, _chunks(items, CHUNK)):
+    for part in runner.map(_feature_chunk, ((c, max_bytes) for c in _chunks(items, CHUNK))):
         parts.append(part)
         progress.advance(task, len(part))
     return np.concatenate(parts) if parts else np.zeros((0, FEATURE_SIZE * FEATURE_SIZE * 3), dtype=np.uint8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from ccl.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_SEED = 0  # the train/test split and sample order never depend on the noise seed
+MAX_IMAGE_BYTES = 256 << 20  # the default cap on one image file: far above any real image, far below a machine
 
 
 
@@ -54,6 +56,8 @@ class ConvertOptions:
     imagenet_val: str | None = None
     imagenet_labels: str | None = None
     progress: bool = True
+    max_image_bytes: int = MAX_IMAGE_BYTES  # a larger file is skipped (and listed), never read
+    allow_empty_classes: bool = False  # folder format: keep class folders without images (else an error)
 
 
 
@@ -89,6 +93,44 @@ def check_missing(source: Source, skip: bool) -> None:
         source.splits[split] = [it for it in items if id(it) not in gone]
         source.skipped += [{"split": split, "path": it.name, "reason": "missing file"} for it in missing]
 
+
+
+class NotAnImage(Exception):
+    """An input path that is not read: not a regular file (a device, FIFO, socket), or over the size cap."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_image_file(path, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` (symlinks followed), or NotAnImage saying why not.
+
+    Nothing here can block or read without end: a FIFO, a device (a link to /dev/zero) or a socket is refused
+    from its stat before it is opened, the open does not wait, and at most max_bytes + 1 bytes are read."""
+    def check(st) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _KINDS if test(st.st_mode)), "special")
+            raise NotAnImage(f"not a regular file ({kind})")
+        if st.st_size > max_bytes:
+            raise NotAnImage(f"{st.st_size} bytes, over the cap of {max_bytes} bytes (--max-image-bytes)")
+
+    check(os.stat(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        check(os.fstat(fd))  # the same file as the one just checked, not one swapped in since
+        chunks, total = [], 0
+        while total <= max_bytes:
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    finally:
+        os.close(fd)
+    if total > max_bytes:  # it grew while read
+        raise NotAnImage(f"over the cap of {max_bytes} bytes (--max-image-bytes)")
+    return b"".join(chunks)
 
 
 def image_files(folder: Path) -> list[Path]:
