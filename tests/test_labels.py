@@ -119,6 +119,16 @@ def test_issue_metrics_count_wrong_labels_as_positives():
     assert m["auroc"] == pytest.approx(4 / 6)  # wrong {0.8, 0.7} vs right {0.9, 0.1, 0.0}: 4 of 6 pairs
 
 
+def test_correction_is_the_share_of_flagged_wrong_labels_whose_suggestion_is_true():
+    given = np.array([0, 1, 2, 3, 4, 5])
+    clean = np.array([0, 2, 1, 0, 4, -1])  # 1, 2 and 3 are wrong; 5 is unknown
+    flag = np.array([True, True, True, True, False, True])
+    suggested = np.array([9, 2, 0, 0, 4, 7])  # right for 1 and 3, wrong for 2; 0 is flagged but its label right
+    m = L.issue_metrics(flag, np.zeros(6), given, clean, suggested)
+    assert (m["flagged_wrong"], m["corrected"]) == (3, 2) and m["correction"] == pytest.approx(2 / 3)
+    assert "correction" not in L.issue_metrics(flag, np.zeros(6), given, clean)
+
+
 def test_folds_are_stratified_seeded_and_balanced():
     labels = np.repeat(np.arange(4), [30, 21, 7, 2])
     f = stratified_folds(labels, 5, seed=3)
@@ -181,6 +191,18 @@ def test_csv_round_trips_sorted_and_its_metrics_match_a_hand_computation(ccl_run
     assert 0 < t["suspect"].sum() < n
     assert f"precision {100 * precision:.1f}%" in r.output and f"recall {100 * recall:.1f}%" in r.output, r.output
     assert "AUROC" in r.output
+
+
+def test_the_true_label_and_how_often_the_suggestion_is_it(ccl_run, digits, tmp_path):
+    out = tmp_path / "labels.csv"
+    r = cli(ccl_run, "--out", out, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    t = L.read_table(out)
+    label, clean = truth(digits)
+    assert (t["true"] == clean[t["index"]]).all()
+    fixed = t["suspect"] & (t["given"] != t["true"])
+    right = int((t["suggested"][fixed] == t["true"][fixed]).sum())
+    assert f"is the true one for {right} of the {int(fixed.sum())} flagged wrong labels" in r.output, r.output
 
 
 def test_w_from_the_run_is_the_checkpoints_own(ccl_run, tmp_path):
@@ -298,6 +320,10 @@ def test_compare_cleanlab_on_out_of_sample_probabilities(ccl_run, digits, tmp_pa
     cells = row.split()
     assert cells[1:6] == [str(m["flagged"]), f"{100 * m['precision']:.1f}%", f"{100 * m['recall']:.1f}%",
                           f"{100 * m['f1']:.1f}%", f"{m['auroc']:.3f}"], row
+    # cleanlab's suggestion, Datalab's predicted_label: the argmax of the out-of-sample probabilities.
+    wrong = t["cleanlab_issue"] & (label[t["index"]] != clean[t["index"]])
+    right = int((t["oos_pred"][wrong] == clean[t["index"]][wrong]).sum())
+    assert f"is the true one for {right} of its {int(wrong.sum())} flagged wrong labels" in r.output, r.output
 
 
 def test_compare_cleanlab_without_cleanlab_is_one_line(ccl_run, monkeypatch):

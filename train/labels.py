@@ -244,11 +244,14 @@ def suggested_labels(suspect: np.ndarray, given: np.ndarray, alt: np.ndarray) ->
     return np.where(suspect, alt, given)
 
 
-def issue_metrics(flag: np.ndarray, score: np.ndarray, given: np.ndarray, clean: np.ndarray) -> dict:
+def issue_metrics(flag: np.ndarray, score: np.ndarray, given: np.ndarray, clean: np.ndarray,
+                  suggested: np.ndarray | None = None) -> dict:
     """Detection of wrong labels (given != clean) where the clean label is known (clean >= 0).
 
     precision: of the flagged samples, the fraction whose label is wrong; recall: of the wrong labels, the
-    fraction flagged; f1; auroc: `roc_auc_score` of `score` (higher = more suspect). Undefined values are NaN.
+    fraction flagged; f1; auroc: `roc_auc_score` of `score` (higher = more suspect). With `suggested` (a label
+    per sample): `correction`, of the flagged samples whose label is wrong, the fraction whose suggested label
+    is the true one (`corrected` of `flagged_wrong`). Undefined values are NaN.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -261,8 +264,18 @@ def issue_metrics(flag: np.ndarray, score: np.ndarray, given: np.ndarray, clean:
     recall = tp / n_wrong if n_wrong else nan
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else nan
     auroc = float(roc_auc_score(wrong, score)) if 0 < n_wrong < wrong.size else nan
-    return {"precision": precision, "recall": recall, "f1": f1, "auroc": auroc, "flagged": n_flag,
-            "wrong": n_wrong, "known": int(known.sum())}
+    out = {"precision": precision, "recall": recall, "f1": f1, "auroc": auroc, "flagged": n_flag,
+           "wrong": n_wrong, "known": int(known.sum())}
+    if suggested is not None:
+        out |= correction(flag & wrong, suggested[known], clean[known])
+    return out
+
+
+def correction(mask: np.ndarray, suggested: np.ndarray, clean: np.ndarray) -> dict:
+    """Of the samples in `mask` (flagged, label wrong), how many get their true label as the suggestion."""
+    n = int(mask.sum())
+    right = int((suggested[mask] == clean[mask]).sum())
+    return {"flagged_wrong": n, "corrected": right, "correction": right / n if n else float("nan")}
 
 
 def rank_score(order: np.ndarray) -> np.ndarray:
@@ -500,6 +513,11 @@ def label_table(run, split: str, *, w_from: str = "eval", rate: float | None = N
     if w.shape != (len(nets), len(given)):
         raise ValueError(f"w is {w.shape}, expected ({len(nets)}, {len(given)})")
     table = build_table(nets, ens, w, w_ens, given, locations.key, run.shards.classes, w_from, rate)
+    if (clean >= 0).any():  # the true label beside the given one (-1 where a sample's is unknown)
+        cols = table.columns
+        at = list(cols).index("given_name") + 1
+        items = list(cols.items())
+        table.columns = dict(items[:at] + [("true", clean[cols["index"]])] + items[at:])
     return table, locations, given, clean
 
 
@@ -511,7 +529,9 @@ def flag_metrics(table: LabelTable, given: np.ndarray, clean: np.ndarray) -> dic
     idx = c["index"]
     flag = np.zeros(len(idx), dtype=bool)
     flag[idx] = c["suspect"]
-    return issue_metrics(flag, rank_score(idx), given, clean)
+    suggested = np.empty(len(idx), dtype=np.int64)
+    suggested[idx] = c["suggested"]
+    return issue_metrics(flag, rank_score(idx), given, clean, suggested)
 
 
 def require_cleanlab() -> None:
@@ -553,7 +573,15 @@ def compare_cleanlab(run, split: str, table: LabelTable, given: np.ndarray, clea
                       "cleanlab_only": int((~flag & issues).sum())},
     }
     if (clean >= 0).any():
-        result["cleanlab"] |= issue_metrics(issues, -quality, given, clean)
+        # cleanlab's suggested fix: the argmax of the out-of-sample probabilities (Datalab's `predicted_label`)
+        oos = probs.argmax(1)
+        result["cleanlab"] |= issue_metrics(issues, -quality, given, clean, oos)
+        # Both suggestions on the same samples: those both flag whose label is wrong.
+        ours = np.empty(len(idx), dtype=np.int64)
+        ours[idx] = table.columns["suggested"]
+        common = flag & issues & (clean >= 0) & (given != clean)
+        result["agreement"]["correction_both"] = {"ccl": correction(common, ours, clean),
+                                                  "cleanlab": correction(common, oos, clean)}
     return result
 
 
@@ -643,6 +671,8 @@ def print_report(result: dict, rate: float | None, console) -> None:
     if m is not None:
         console.print(f"against the clean labels ({m['wrong']} of {m['known']} wrong): precision {_pct(m['precision'])}"
                       f"  recall {_pct(m['recall'])}  AUROC {_auc(m['auroc'])}", highlight=False, soft_wrap=True)
+        console.print(f"the suggested label is the true one for {m['corrected']} of the {m['flagged_wrong']} flagged "
+                      f"wrong labels ({_pct(m['correction'])})", highlight=False, soft_wrap=True)
     cmp = result.get("compare")
     if cmp is None:
         return
@@ -667,6 +697,13 @@ def print_report(result: dict, rate: float | None, console) -> None:
     a = cmp["agreement"]
     console.print(f"flagged by both {a['both']}, by ccl only {a['ccl_only']}, by cleanlab only {a['cleanlab_only']}",
                   highlight=False, soft_wrap=True)
+    both = a.get("correction_both")
+    if both:
+        console.print(f"cleanlab's suggested label (the argmax of its out-of-sample probabilities) is the true one for "
+                      f"{cl['corrected']} of its {cl['flagged_wrong']} flagged wrong labels ({_pct(cl['correction'])}); "
+                      f"on the {both['ccl']['flagged_wrong']} wrong labels both flag: ccl's "
+                      f"{_pct(both['ccl']['correction'])}, cleanlab's {_pct(both['cleanlab']['correction'])}",
+                      highlight=False, soft_wrap=True)
 
 
 def labels_cmd(

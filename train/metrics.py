@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 
+from ccl import files
+from ccl.errors import UserError
+
+NL = b"\n"
 LAST_K = 10  # the papers report the mean test accuracy of the last 10 epochs
 
 
@@ -78,24 +83,58 @@ class DeviceMeter:
 
 
 class MetricsLog:
-    """metrics.jsonl in the run directory; records are appended and flushed each epoch."""
+    """metrics.jsonl in the run directory; one record appended per epoch.
+
+    Only complete lines are trusted: a torn last line (a short write on a full disk, a kill mid-write) is left out
+    when read and cut on resume. A record is appended whole or not at all (`ccl.files.append_line`)."""
 
     def __init__(self, path: Path):
         self.path = path
 
-    def read(self) -> list[dict]:
+    def _records(self) -> list[tuple[dict, int]]:
+        """(record, byte offset of the end of its line) for every complete line."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        data = self.path.read_bytes()
+        out, pos = [], 0
+        while True:
+            end = data.find(NL, pos)
+            if end < 0:
+                break  # no newline: a torn tail, not a record
+            line = data[pos:end].strip()
+            if line:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    if data[end + 1 :].strip():
+                        raise UserError(f"{self.path}: line {data.count(NL, 0, pos) + 1} is not a JSON record; "
+                                        "the file was changed by hand or is damaged") from None
+                    break  # the last line, torn (bytes lost mid-line): not a record
+                if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
+                    raise UserError(f"{self.path}: line {data.count(NL, 0, pos) + 1} is not an epoch record")
+                out.append((record, end + 1))
+            pos = end + 1
+        return out
+
+    def read(self) -> list[dict]:
+        return [r for r, _ in self._records()]
 
     def truncate_after(self, epoch: int) -> None:
-        """On resume: drop records of epochs after the checkpoint (written before the kill, not kept in it)."""
-        keep = [r for r in self.read() if r["epoch"] <= epoch]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        """On resume: keep the records up to `epoch` (the checkpoint's) and cut the rest: later epochs (written
+        before the kill, not kept in the checkpoint) and a torn last line. Cut in place, so it needs no space."""
+        keep = 0
+        for record, end in self._records():
+            if record["epoch"] > epoch:
+                break
+            keep = end
+        if self.path.is_file() and self.path.stat().st_size != keep:
+            try:
+                os.truncate(self.path, keep)
+            except OSError as e:
+                raise files.write_error(self.path, e) from None
 
     def append(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=_jsonable) + "\n")
+        files.append_line(self.path, json.dumps(record, default=_jsonable))
 
 
 def _jsonable(v):
