@@ -217,7 +217,9 @@ def test_rolr_constant_losses_trust_every_label():
 
 def test_rolr_schedule_reads_the_data_twice_per_net():
     method = rolr_method()  # warm-up 1: epoch 0 warms up, epoch 1 trains
-    assert method.passes(0) == 1 and method.training_nets(0, 0) == (0, 1) and method.views(0) == ("weak",)
+    # warm-up: each net in a pass of its own (RoLR.py l.263-273)
+    assert method.passes(0) == 2 and [method.training_nets(0, p) for p in range(2)] == [(0,), (1,)]
+    assert method.views(0) == ("weak",)
     method.cfg = replace(method.cfg, schedule="alternate")
     assert method.passes(1) == 4 and [method.training_nets(1, p) for p in range(4)] == [(0,), (0,), (1,), (1,)]
     method.cfg = replace(method.cfg, schedule="joint")

@@ -280,14 +280,108 @@ def test_views_and_schedule():
     assert [m.passes(e) for e in (0, 5)] == [2, 2] and m.training_nets(5, 1) == (1,)  # net 1, then net 2
 
 
-def test_the_ramp_advances_per_step_over_the_trained_samples():
+def test_the_ramp_advances_per_step_over_the_codes_num_iter():
     from ccl.train.methods.dividemix import DivideMix
 
     m = DivideMix(TrainConfig(method="dividemix", warmup=2, batch_size=8), 10, 20, "resnet_tiny", True)
-    assert [float(m._pass_fraction(4, 0)) for _ in range(3)] == pytest.approx([0, 1 / 3, 2 / 3])  # 3 steps of 8
-    assert float(m._pass_fraction(4, 1)) == 0.0  # each pass ramps from its start, as the code's train() per net
-    m.active[12:] = False  # a held-out part: 12 trained samples, 2 steps
-    assert [float(m._pass_fraction(5, 0)) for _ in range(2)] == pytest.approx([0, 0.5])
+    m.w[0, :17] = 1.0  # net 0's division: 17 labelled -> the code's num_iter = 17 // 8 + 1 = 3 (TC:46)
+    m.w[0, 17:] = 0.0
+    m.streams(4, 0)
+    assert [m._pass_fraction(4, 0) for _ in range(3)] == pytest.approx([0, 1 / 3, 2 / 3])
+    m.streams(4, 1)  # net 1's division: all 20 labelled -> 20 // 8 + 1 = 3
+    assert m._pass_fraction(4, 1) == 0.0  # each pass ramps from its start, as the code's train() per net
+    m.w[0, 16:] = 0.0  # 16 labelled: the code's + 1 even when B divides |L|
+    m.streams(5, 0)
+    assert [m._pass_fraction(5, 0) for _ in range(2)] == pytest.approx([0, 1 / 3])
+
+
+def test_the_streams_are_the_division_of_the_trained_samples():
+    from ccl.train.methods.dividemix import DivideMix
+
+    m = DivideMix(TrainConfig(method="dividemix", warmup=2, batch_size=8), 10, 20, "resnet_tiny", True)
+    (warm,) = m.streams(0, 1)
+    assert warm.subset is None and warm.batch_size == 16  # warm-up: every sample at twice the batch (DC l.169-173)
+    m.w[1] = torch.linspace(0, 1, 20)
+    m.active[:3] = False  # held out for validation: in neither part
+    lab, unlab = m.streams(3, 1)  # pass 1 trains net 1 on its own division
+    expect = (torch.linspace(0, 1, 20) > 0.5).numpy()
+    assert list(lab.subset) == [i for i in range(3, 20) if expect[i]] and lab.batch_size == 8
+    assert list(unlab.subset) == [i for i in range(3, 20) if not expect[i]] and unlab.batch_size == 8
+
+
+def _digits_run(digits, tmp_path, **kw):
+    from ccl.train.loop import setup
+
+    run = setup(_cfg(digits, tmp_path, **kw), digits)
+    return run
+
+
+@pytest.mark.timeout(120)
+def test_a_pass_is_an_exact_epoch_of_the_labelled_set_with_unlabelled_batches_in_cycles(digits, tmp_path):
+    """The code's batches (DC l.178-189, TC:45-52): per step B labelled and B unlabelled samples, ceil(|L| / B)
+    steps; every labelled sample once; the unlabelled sampler restarts with a fresh shuffle when it runs out."""
+    import math
+
+    import numpy as np
+
+    from ccl.train.loop import pass_batches
+
+    run = _digits_run(digits, tmp_path, batch_size=16)
+    method = run.method
+    n = method.w.shape[1]
+    g = torch.Generator().manual_seed(0)
+    for labelled_share in (0.8, 0.1):  # |U| < |L|: the unlabelled set cycles; |U| > |L|: some are not drawn
+        method.w.copy_((torch.rand(method.w.shape, generator=g) < labelled_share).float())
+        labelled = set(np.flatnonzero(method.w[0].numpy() > 0.5).tolist())
+        source = pass_batches(run, None, 3, 0, 2)
+        batches = list(source)
+        assert len(source) == len(batches) == math.ceil(len(labelled) / 16)
+        seen_l, seen_u = [], []
+        for b in batches:
+            idx = b.index.tolist()
+            is_l = [i in labelled for i in idx]
+            k = sum(is_l)
+            assert is_l == [True] * k + [False] * (len(idx) - k)  # labelled rows first
+            assert len(idx) - k <= 16 and (k == 16 or b is batches[-1])
+            seen_l += idx[:k]
+            seen_u += idx[k:]
+        assert sorted(seen_l) == sorted(labelled)  # each labelled sample exactly once
+        unlabelled = n - len(labelled)
+        assert len(seen_u) == min(len(batches) * 16, len(seen_u))
+        # in cycles: no repeat before every unlabelled sample has been drawn once
+        assert len(set(seen_u[:unlabelled])) == len(seen_u[:unlabelled])
+        if len(seen_u) > unlabelled:
+            assert set(seen_u[:unlabelled]) == set(range(n)) - labelled
+            assert seen_u[unlabelled:2 * unlabelled] != seen_u[:len(seen_u[unlabelled:2 * unlabelled])]  # reshuffled
+        # the same pass again gives the same batches (a pure function of seed, epoch and pass); another pass not
+        again = [b.index.tolist() for b in pass_batches(run, None, 3, 0, 2)]
+        assert again == [b.index.tolist() for b in batches]
+        assert again != [b.index.tolist() for b in pass_batches(run, None, 4, 0, 2)]
+
+
+def test_both_samplers_split_by_rank(digits):
+    """Under torchrun each sampler hands every rank its slice of the same permutation: disjoint, covering the part,
+    with equal step counts."""
+    import numpy as np
+
+    from ccl.pipeline.loader import make_loader
+    from ccl.pipeline.shards import ShardSet
+
+    shards = ShardSet.open(digits)
+    part = np.arange(5, 700, 3)  # a division's part
+    plans = []
+    for rank in range(3):
+        ld = make_loader(shards, "train", batch_size=16, train=True, device="cpu", num_workers=0, rank=rank,
+                         world_size=3)
+        ld.select(part)
+        ld.set_epoch(7)
+        plans.append(ld.plan())
+        assert len(ld) == len(plans[-1])
+    assert len({len(p) for p in plans}) == 1
+    drawn = np.concatenate([np.concatenate(p) for p in plans])
+    assert sorted(drawn.tolist()) == part.tolist()
+    ld.select(part[:2])  # fewer samples than ranks: no step on any rank
+    assert len(ld) == 0 and list(iter(ld._sampler)) == []
 
 
 def test_config_mistakes_are_one_line_errors():
@@ -308,8 +402,10 @@ def test_config_mistakes_are_one_line_errors():
 def test_dividemix_learns_far_above_chance(digits, tmp_path, plus):
     from ccl.train.loop import train
 
-    cfg = _cfg(digits, tmp_path, arch="resnet_tiny", epochs=6, warmup=4, batch_size=64, lr=3e-3,
-               dividemix={"plus": plus})
+    # with the GMM on a 2-epoch loss history (the code's 5 at 90% noise, TC:178-181); batch 32: warm-up batches of
+    # 64, then 32 labelled + 32 unlabelled per step (the code's batching)
+    cfg = _cfg(digits, tmp_path, arch="resnet_tiny", epochs=6, warmup=4, batch_size=32, lr=3e-3,
+               dividemix={"plus": plus, "loss_history": 2})
     summary = train(cfg, progress=False)
     hist = [json.loads(line) for line in open(f"{summary['run_dir']}/metrics.jsonl")]
     assert [r["epoch"] for r in hist] == [0, 1, 2, 3, 4, 5]
@@ -319,3 +415,5 @@ def test_dividemix_learns_far_above_chance(digits, tmp_path, plus):
     assert max(hist[-1]["net0_auroc"], hist[-1]["net1_auroc"]) > 0.7, hist[-1]
     # chance is 10%: two epochs of DivideMix after warm-up keep the nets far above it (a collapse would not)
     assert hist[-1]["ens_top1"] > 40, [r["ens_top1"] for r in hist]
+    state = torch.load(f"{summary['run_dir']}/checkpoints/last.pt", weights_only=True)["method"]
+    assert state["loss_history"].shape[1] == 2 and int(state["history_count"]) == 3  # after epochs 3, 4 and 5

@@ -62,6 +62,22 @@ def gmm_confidence(losses, *, lower_is_clean: bool = True, max_iter: int = 10, t
     return posterior[:, clean].astype(np.float32)
 
 
+def gmm_confidence_as_given(x: np.ndarray, seed: int = 0) -> np.ndarray:
+    """The clean posterior of RoLR's and DivideMix's GMM (`ROLR_GMM`) fitted to x as given, float32 [N]: what
+    their code fits to a loss history, the mean of several epochs' min-max normalised losses (chenmc1996/Robust-LR
+    RoLR.py l.279 and l.210-212; LiJunnan1992/DivideMix Train_CIFAR.py l.178-189).
+
+    `gmm_confidence` min-max normalises its input first. For one epoch's losses (already in [0, 1]) that changes
+    nothing; a mean over several epochs spans less than [0, 1], and the code fits it unstretched. A GMM fit to
+    x' = (x - lo) / s with its covariance floor divided by s^2 has the posteriors of one fit to x (k-means++ and EM
+    are affine-equivariant), so the floor is rescaled to keep the code's fit.
+    """
+    span = float(x.max() - x.min()) if x.size else 0.0
+    if span <= 0:
+        return np.ones(x.size, dtype=np.float32)
+    return gmm_confidence(x, seed=seed, **{**ROLR_GMM, "reg_covar": ROLR_GMM["reg_covar"] / span**2})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # TCL
 

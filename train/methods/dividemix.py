@@ -2,33 +2,36 @@
 CCL's cross-view and cross-model terms (the CCL paper's Table 5).
 
 The official code, cited as TC:line (Train_CIFAR.py) and DC (dataloader_cifar.py), read for the facts:
-- warm-up (TC:124-139, TC:253-258): CE on the weak view, net 1 for a whole epoch, then net 2 over its own shuffle;
-  its warm-up batches are twice the training batch (DC `run('warmup')`), here the run's one batch size. On
-  asymmetric noise the negative-entropy penalty is added (TC:132-136). The method cannot see the noise type
-  (the manifest's noise record does not reach a method through the interface), so it is the switch
-  `dividemix.warmup_penalty`, off by default as for symmetric noise; a recipe or the user sets it.
+- warm-up (TC:124-139, TC:253-258): CE on the weak view, net 1 for a whole epoch, then net 2 over its own shuffle,
+  in batches of twice the training batch (DC l.169-173, `run('warmup')`: batch_size * 2). On asymmetric noise
+  the negative-entropy penalty is added (TC:132-136). The method cannot see the noise type (the manifest's noise
+  record does not reach a method through the interface), so it is the switch `dividemix.warmup_penalty`, off by
+  default as for symmetric noise; a recipe or the user sets it.
 - co-divide (TC:165-190, TC:261-273): before each epoch past warm-up, each net's per-sample CE on the un-augmented
   training set (eval mode), min-max normalised, is fitted by a 2-component GMM (max_iter=10, tol=1e-2,
   reg_covar=5e-4); a net trains on the division of its PEER's GMM. This is the base class's `refresh` with the
-  "eval" view and `gmm_confidence` (the same settings). Samples with clean probability w > p_threshold are
-  labelled, the rest unlabelled. Left out: at 90% noise the code averages the last 5 epochs' losses (TC:178-181).
+  "eval" view and `LossHistory`'s fit (the same settings). Samples with clean probability w > p_threshold are
+  labelled, the rest unlabelled. At 90% noise the code's GMM fits the mean of the last 5 epochs' normalised losses
+  (TC:178-181): `dividemix.loss_history` (5 in that setting; 1, this epoch's alone, otherwise), `LossHistory`.
 - training (TC:41-113): net m learns with its peer fixed (eval mode), then the reverse: the "alternate" schedule,
   always (DivideMix is defined by it; `--schedule` does not apply). Label co-refinement of the labelled samples,
   co-guessing of the unlabelled ones, MixMatch over both, Lx + ramp(lambda_u) Lu + the uniform-prior penalty:
   the pure functions of `ccl.train.losses.dividemix`.
 - evaluation (TC:145-162): the summed logits of both nets, the base class's `eval_logits`.
 
-The batches: the code draws a labelled batch and an unlabelled batch of `batch_size` each per step, and an epoch is
-one pass over the labelled set (num_iter = |L| / B, TC:46; the unlabelled loader restarts when it runs out,
-TC:48-52). Here a step receives one batch of the project's exact-epoch loader, with its per-sample `batch.index`,
-and splits it on the device by net m's division (labelled = w[m, index] > p_threshold) into masks, never into
-tensors of data-dependent size (no host sync). An epoch is therefore still one pass over the labelled set, every
-labelled sample once, as in the code; it is also exactly one pass over the unlabelled set (the code draws |L|
-unlabelled samples, repeating or leaving some out when |U| differs from |L|). The difference is the mixture
-per step: the code's steps hold B + B, ours hold the division's proportion of one batch of B, and ours take
-N / B steps an epoch against the code's |L| / B. Lx and Lu are masked means over their own rows, so their
-weights do not depend on that proportion; an empty part gives exactly 0. With half the samples labelled, a
-batch of 2B here matches the code's step (2B images, 4B rows per forward, the same number of steps).
+The batches, as the code draws them (DC l.178-189, TC:45-52): each step takes a labelled batch of `batch_size` from
+net m's division and an unlabelled batch of `batch_size` from the rest, and a pass is one exact epoch over the
+labelled set (ceil(|L| / B) steps; the last labelled batch may be short), the unlabelled sampler restarting with a
+new shuffle when it runs out. Here these are the pass's two `Stream`s: the labelled one keeps the loader's exact-
+epoch guarantee (every labelled sample once per pass, on exactly one rank); the unlabelled one draws without
+replacement in reshuffled cycles, so an unlabelled sample repeats within a pass only after every other one has been
+drawn, and when |U| > |L| some are not drawn at all in that pass (as in the code). Under torchrun both are split by
+rank, each rank taking its slice of each permutation. The loop joins the two batches into one, labelled rows first;
+the step tells them apart by net m's division (labelled = w[m, index] > p_threshold, the same test that made the
+streams), as masks, never as tensors of data-dependent size (no host sync). Lx and Lu are masked means over their
+own rows; an empty part (no unlabelled sample) gives exactly 0. With no labelled sample a pass has no step; the
+code would fail on an empty unlabelled set, here the steps then hold labelled rows alone. The ramp of lambda_u
+advances per step over the code's num_iter = |L| // B + 1 (TC:46, TC:105).
 
 Views: two independent weak views (DivideMix's two augmentations, DC: RandomCrop(32, 4) + flip), and a strong
 view when CCL's terms are on: ("weak", "weak") or ("weak", "weak", "strong").
@@ -51,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,10 +64,10 @@ from ccl.pipeline.batch import Batch
 from ccl.train import dist, losses
 from ccl.train.losses import dividemix as dm
 from ccl.train.losses.contrastive import ccl_contrastive_one
-from ccl.train.methods.base import Method, Parts, Rng, Step
+from ccl.train.methods.base import LossHistory, Method, Parts, Rng, Step, Stream
 
 
-class DivideMix(Method):
+class DivideMix(LossHistory, Method):
     name = "dividemix"
     num_nets = 2
     default_warmup = 10  # the code's CIFAR-10 warm-up (TC:218-219; 30 for CIFAR-100)
@@ -74,6 +78,10 @@ class DivideMix(Method):
         self.plus = self.cfg.dividemix.plus_terms()
         self._ramp_at = (-1, -1)  # (epoch, pass) the step counter below belongs to
         self._ramp_step = 0  # steps taken in this pass: the code ramps lambda_u per step (TC:105)
+        self._num_iter = 1  # the code's num_iter of the current pass, |L| // B + 1 (TC:46), set by `streams`
+
+    def history_length(self) -> int:
+        return self.cfg.dividemix.loss_history
 
     # -- schedule: the alternate one, warm-up included (TC:253-273) -------------------------------------------------
     def passes(self, epoch: int) -> int:
@@ -86,6 +94,21 @@ class DivideMix(Method):
         if self.warming_up(epoch):
             return ("weak",)
         return ("weak", "weak", "strong") if self.plus else ("weak", "weak")
+
+    def streams(self, epoch: int, pass_index: int) -> tuple[Stream, ...]:
+        """Warm-up: every trained sample at twice the batch (DC l.169-173). Then net m's division (co-divide by its
+        peer's GMM): the labelled samples, an exact epoch at the batch size, and the unlabelled ones, one batch of
+        the batch size per step (DC l.178-189). One host read of w per pass."""
+        batch = self.cfg.batch_size
+        if self.warming_up(epoch):
+            return (Stream(batch_size=2 * batch),)
+        (m,) = self.training_nets(epoch, pass_index)
+        active = self.active.cpu().numpy()
+        labelled = (self.w[m] > self.cfg.dividemix.p_threshold).cpu().numpy()
+        lab, unlab = np.flatnonzero(active & labelled), np.flatnonzero(active & ~labelled)
+        # the code's num_iter for the ramp, over this rank's share of the labelled set (all of it in one process)
+        self._num_iter = -(-len(lab) // dist.world()) // batch + 1
+        return Stream(lab, batch), Stream(unlab, batch)
 
     # -- warm-up ------------------------------------------------------------------------------------------------------
     def warmup_step(self, batch: Batch, weak: torch.Tensor, nets: tuple[int, ...]) -> Step:
@@ -144,8 +167,8 @@ class DivideMix(Method):
         target_mix = apply_mixup(torch.cat([target, target]), lam, perm)  # [2N, C]
         logits_mix = net(mixed)[0].float()  # [2N, C]
         mm = dm.mixmatch_losses(logits_mix, target_mix, torch.cat([labelled, labelled]))
-        lambda_u = dm.linear_rampup(epoch + self._pass_fraction(epoch, pass_index), self.warmup, cfg.lambda_u,
-                                    cfg.rampup)
+        lambda_u = torch.full((), dm.linear_rampup(epoch + self._pass_fraction(epoch, pass_index), self.warmup,
+                                                   cfg.lambda_u, cfg.rampup), device=x1.device)  # host value, no read
         prior = losses.div(logits_mix)  # KL(uniform || mean prediction) over the whole mixed batch
         loss = mm["lx"] + lambda_u * mm["lu"] + cfg.prior_weight * prior
 
@@ -181,14 +204,11 @@ class DivideMix(Method):
             logits, z = self.nets[k](x)
         return {"logits": logits.float(), "z": z}
 
-    def _pass_fraction(self, epoch: int, pass_index: int) -> torch.Tensor:
-        """batch_idx / num_iter of the code's per-step ramp (TC:105): the steps this pass has taken (counted on the
-        host) over the loader's steps per pass, which the trained (active) samples fix, as `steps_per_epoch`
-        computes them. A device scalar, so that the step reads nothing back."""
+    def _pass_fraction(self, epoch: int, pass_index: int) -> float:
+        """batch_idx / num_iter of the code's per-step ramp (TC:105): the steps this pass has taken, counted on the
+        host, over the code's num_iter of the pass (`streams`)."""
         if self._ramp_at != (epoch, pass_index):
             self._ramp_at, self._ramp_step = (epoch, pass_index), 0
-        per_rank = torch.ceil(self.active.sum() / dist.world())  # the largest rank's share of the trained samples
-        steps = torch.ceil(per_rank / self.cfg.batch_size).clamp_min(1)
-        fraction = (self._ramp_step / steps).clamp(max=1.0)
+        fraction = self._ramp_step / self._num_iter
         self._ramp_step += 1
         return fraction

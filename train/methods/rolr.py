@@ -12,42 +12,48 @@ in turn learns, with its peer fixed, from
 over two passes of the data per net per epoch (RoLR.py l.86-100). The learning net's weak view goes through it
 under no_grad in train mode, and its strong view through a second forward (l.114-120), so each view is normalised
 with its own batch statistics; the fixed peer runs in eval mode (l.80).
+
+Warm-up (RoLR.py l.263-273 and l.146-160): CE on the weak view, net 1 over a whole pass, then net 2 over a pass of
+its own (its own shuffle), at the warm-up loader's batch of 64 (dataloader_cifar.py l.176, `run('warmup')`), not the
+training batch of 64 x 7 = 448: `rolr.warmup_batch_size` (the recipes' 64; none = the run's batch size). Either
+schedule warms up this way.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ccl.pipeline.batch import Batch
 from ccl.train import losses
-from ccl.train.losses.confidence import ROLR_GMM, gmm_confidence
-from ccl.train.methods.base import Parts, Step, TwinMethod
+from ccl.train.methods.base import LossHistory, Parts, Step, Stream, TwinMethod
 
 
-class RoLR(TwinMethod):
+class RoLR(LossHistory, TwinMethod):
     name = "rolr"
     default_warmup = 15  # RoLR.py l.19 (--warm_up 15; the README's command keeps it)
 
-    def __init__(self, cfg, num_classes: int, num_train: int, arch: str, small_input: bool):
-        super().__init__(cfg, num_classes, num_train, arch, small_input)
-        # The GMM's loss history (RoLR.py l.200-205): each refresh's min-max normalised losses per net, in a ring of
-        # `loss_history` slots, and how many refreshes have written to it. Buffers, so a resumed run keeps them.
-        self.register_buffer("loss_history", torch.zeros(self.num_nets, cfg.rolr.loss_history, num_train))
-        self.register_buffer("history_count", torch.zeros((), dtype=torch.long))
+    def history_length(self) -> int:
+        return self.cfg.rolr.loss_history  # the GMM's loss history (RoLR.py l.200-205), `LossHistory`
 
-    # -- schedule: each net reads the data `passes_per_net` times per epoch -------------------------------------
+    # -- schedule: in warm-up each net its own pass; then each net reads the data `passes_per_net` times ---------
     def passes(self, epoch: int) -> int:
         if self.warming_up(epoch):
-            return 1
+            return 2
         k = self.cfg.rolr.passes_per_net
         return 2 * k if self.cfg.schedule == "alternate" else k
 
     def training_nets(self, epoch: int, pass_index: int) -> tuple[int, ...]:
-        if self.warming_up(epoch) or self.cfg.schedule == "joint":
+        if self.warming_up(epoch):
+            return (pass_index,)
+        if self.cfg.schedule == "joint":
             return (0, 1)
         return (pass_index // self.cfg.rolr.passes_per_net,)  # net 0's passes, then net 1's
+
+    def streams(self, epoch: int, pass_index: int) -> tuple[Stream, ...]:
+        if self.warming_up(epoch):
+            return (Stream(batch_size=self.cfg.rolr.warmup_batch_size),)
+        return (Stream(),)
 
     # -- the step -----------------------------------------------------------------------------------------------
     def forward_views(self, k: int, weak: torch.Tensor, strong: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -71,39 +77,3 @@ class RoLR(TwinMethod):
             loss = loss + out["loss"]
             parts.add(str(m), div=out["div"], soft_ce_mean=out["soft_ce_mean"], ce_mean=out["ce_mean"])
         return parts.step(loss)
-
-    # -- confidence: the GMM on the (averaged) normalised losses ------------------------------------------------
-    @torch.no_grad()
-    def confidence_from_losses(self, sample_loss: torch.Tensor) -> torch.Tensor:
-        """RoLR.py l.200-212: each net's losses min-max normalised and appended to its history; the GMM (RoLR's
-        settings) fits the mean of the last `loss_history` entries (the code averages 5 at 90% noise, else uses
-        the current losses alone); each net's w comes from its peer's fit. Normalisation and GMM see the trained
-        samples only; a sample held out for validation keeps w = 1."""
-        active = self.active
-        x = sample_loss[:, active]  # [nets, n_active]
-        lo = x.amin(dim=1, keepdim=True)
-        span = x.amax(dim=1, keepdim=True) - lo
-        normalised = torch.where(span > 0, (sample_loss - lo) / span.clamp_min(1e-30), torch.zeros_like(sample_loss))
-        k = self.loss_history.shape[1]
-        self.loss_history[:, int(self.history_count) % k] = normalised  # [nets, N] into the oldest slot
-        self.history_count += 1
-        used = self.loss_history[:, : min(int(self.history_count), k)].mean(dim=1)[:, active]  # [nets, n_active]
-        w = torch.ones_like(sample_loss)
-        for m in range(self.num_nets):
-            peer = (m + 1) % self.num_nets
-            w[m, active] = torch.from_numpy(rolr_gmm(used[peer].cpu().numpy(), seed=self.cfg.seed)).to(w)
-        return w
-
-
-def rolr_gmm(x: np.ndarray, seed: int = 0) -> np.ndarray:
-    """The clean posterior of RoLR's GMM (RoLR.py l.279, l.210-212) fitted to x as given, float32 [N].
-
-    `gmm_confidence` min-max normalises its input first. For the current epoch's losses (already in [0, 1]) that
-    changes nothing; a mean over several epochs spans less than [0, 1], and the code fits it unstretched. A GMM fit
-    to x' = (x - lo) / s with its covariance floor divided by s^2 has the posteriors of one fit to x (k-means++ and
-    EM are affine-equivariant), so the floor is rescaled to keep the code's fit.
-    """
-    span = float(x.max() - x.min()) if x.size else 0.0
-    if span <= 0:
-        return np.ones(x.size, dtype=np.float32)
-    return gmm_confidence(x, seed=seed, **{**ROLR_GMM, "reg_covar": ROLR_GMM["reg_covar"] / span**2})

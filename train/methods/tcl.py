@@ -11,8 +11,11 @@ Warm-up (tcl.py l.67, tcl_wrapper.py l.122-126) trains the same loss with every 
 l.379 and l.399, `reassign` 1), the network in eval mode embeds the training set on the eval view (its memory
 loader uses the test transform, basic_template.py l.343-344), which gives the class centres, the label confidence
 w (GMM; per noisy class with `sep_gmm`) and the clean fraction mean(w > 0.5), by which an unset scale1/scale2
-multiplies w (tcl.py l.176-180). The centres start as random unit vectors, as the code's buffer does
-(tcl_wrapper.py l.68-69).
+multiplies w (tcl.py l.176-180). The same estimate runs once before the first epoch, from the initial network:
+the code calls `psedo_labeling` before its training loop (basic_template.py l.379), which copies the centres
+computed from that network's embeddings into the model (tcl.py l.194), so the warm-up's cluster terms start from
+them, not from the random buffer the wrapper creates (tcl_wrapper.py l.68-69). A resumed run takes its centres
+from the checkpoint.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class TCL(Method):
         # TCL's own heads replace the ones `Method` builds (same seeds, so runs stay reproducible).
         self.nets = build_tcl_nets(arch, num_classes, self.num_nets, small_input, cfg.seed, proj_dim=t.proj_dim,
                                    dropout=t.dropout)
-        g = torch.Generator().manual_seed(cfg.seed)
+        g = torch.Generator().manual_seed(cfg.seed)  # a placeholder until the first refresh (`initial_refresh_view`)
         self.register_buffer("centres", F.normalize(torch.randn(num_classes, t.proj_dim, generator=g), dim=1))
         # mean(w > 0.5) of the last estimate: a device scalar, so the step multiplies by it without a host read.
         self.register_buffer("clean_fraction", torch.ones(()))
@@ -88,9 +91,12 @@ class TCL(Method):
         self.record_loss(0, batch.index, losses.ce(l1.detach(), batch.label))
         return Parts().add(**{k: out[k] for k in ("ctr", "cross", "mix_ce", "ent", "ne", "align")}).step(out["loss"])
 
-    # -- the estimate: every epoch, on the eval view ------------------------------------------------------------
+    # -- the estimate: before the first epoch and after every epoch, on the eval view ----------------------------
     def refresh_view(self, epoch: int) -> str | None:
         return "eval"  # TCL's estimate needs every sample's embedding: always a pass (inline does not apply)
+
+    def initial_refresh_view(self) -> str | None:
+        return "eval"  # basic_template.py l.379: the centres and w of the initial network
 
     @torch.no_grad()
     def refresh(self, batches: Iterable[tuple[Batch, torch.Tensor]]) -> None:
