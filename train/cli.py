@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -105,6 +104,8 @@ def train(
     seed: int = typer.Option(_D.seed, help="Seed of init, order, augmentation (and the digits noise)."),
     val_fraction: float = typer.Option(_D.val_fraction, help="Hold out this fraction of the (noisy) training set "
                                        "and choose best.pt on it; 0: no best.pt. The test split never picks."),
+    patience: int = typer.Option(_D.patience, help="Stop when the held-out accuracy has not improved for this many "
+                                 "epochs after warm-up (needs --val-fraction); 0: run every epoch."),
     out: Path = typer.Option(Path(_D.out), help="Parent of the run directory."),
     name: Optional[str] = typer.Option(None, help="Run name. Default: DATASET-METHOD-sSEED, numbered if taken.",
                                        show_default=False),
@@ -113,6 +114,8 @@ def train(
     sync_bn: bool = typer.Option(_D.sync_bn, "--sync-bn/--no-sync-bn", help="Under torchrun: SyncBatchNorm, "
                                  "batch statistics over every process's batch (CUDA only)."),
     log_every: int = typer.Option(_D.log_every, help="Steps between reads of the logged losses (one host sync each)."),
+    logger: str = typer.Option(_D.logger, help="Live curves: none, tensorboard (RUN/tensorboard) or wandb (offline "
+                               "unless WANDB_MODE or wandb's settings say otherwise); pip install 'ccl[NAME]'."),
     eval_every: int = typer.Option(_D.eval_every, help="Epochs between test evaluations (and the last epoch)."),
     track_every: int = typer.Option(_D.track_every, help="Epochs between logging M_embed, M_logit and the variance "
                                     "entropy (ccl analyze's measures) on a fixed test subset; 0: off."),
@@ -219,7 +222,9 @@ def eval_cmd(
         t.add_row(head, f"{result[head + '_top1']:.2f}", f"{result[head + '_top5']:.2f}")
     console.print(t)
     if json_out:
-        json_out.write_text(json.dumps(result, indent=2) + "\n")
+        from ccl import files
+
+        _run(files.write_json, json_out, result)
 
 
 @app.command()
@@ -236,16 +241,29 @@ def table(
                                         "after the directory, instead of the built-in digits under --noise (then "
                                         "--noise is ignored)."),
     extra: Optional[Path] = typer.Option(None, help="JSON file of further TrainConfig options for every run."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE or SECTION.KEY=VALUE for every run "
+                                             "(repeatable).", show_default=False),
+    grid: Optional[list[str]] = typer.Option(None, "--grid", help="KEY=V1,V2,... (repeatable): train the product of "
+                                             "the grids; a method section's key applies to that method alone, e.g. "
+                                             "--grid ccl.sharpen_t=none,0.5 --grid schedule=joint,alternate.",
+                                             show_default=False),
+    val_fraction: float = typer.Option(0.0, help="Held-out fraction of the noisy training set (ranks the grid's "
+                                       "cells; never the test split)."),
+    patience: int = typer.Option(0, help="Stop a run when its held-out accuracy has not improved for this many "
+                                 "epochs (needs --val-fraction); 0: every run takes --epochs."),
 ):
-    """Run a methods x noise x seeds grid and write table.md and table.json (resumes a partly finished grid)."""
+    """Run a methods x grid x noise x seeds table and write table.md and table.json (resumes a partly finished
+    one: finished runs are read back, a killed one continues)."""
     from ccl.train.table import run_table
 
     base = _run(load_config_file, extra) if extra else {}
+    base = _run(apply_overrides, base, list(set_ or []))
     seed_list = [s.strip() for s in seeds.split(",") if s.strip()]
     if not seed_list or not all(s.lstrip("-").isdigit() for s in seed_list):
         _fail(f"--seeds takes comma-separated whole numbers, e.g. 0,1,2; got {seeds!r}")
+    base = {"batch_size": batch_size, "val_fraction": val_fraction, "patience": patience, **base}
     _run(run_table, methods=methods.split(","), noise=noise.split(","), seeds=[int(s) for s in seed_list],
-         epochs=epochs, warmup=warmup, arch=arch, out=out, data=data, base={"batch_size": batch_size, **base},
+         epochs=epochs, warmup=warmup, arch=arch, out=out, data=data, base=base, grid=list(grid or []),
          console=console)
 
 
@@ -293,8 +311,11 @@ from ccl.pipeline.views import register as _register_views  # noqa: E402
 from ccl.train.analyze.cli import register as _register_analyze  # noqa: E402
 from ccl.train.bench.scale import register as _register_bench_scale  # noqa: E402
 from ccl.train.labels import register as _register_labels  # noqa: E402
+from ccl.train.predict import register as _register_predict  # noqa: E402
+from ccl.train.runs import register as _register_runs  # noqa: E402
 
-for _register in (_register_views, _register_check, _register_analyze, _register_labels):
+for _register in (_register_views, _register_check, _register_analyze, _register_labels, _register_runs,
+                  _register_predict):
     _register(app)
 _register_bench_scale(bench_app)
 

@@ -27,22 +27,52 @@ CONFIDENCE_VIEWS = ("strong", "weak")
 @dataclass(frozen=True)
 class CCLConfig:
     """CCL (Fan and Li, AAAI 2025). Eq. 15 is w CE + (1 - w)/2 (cvl_weight L_CVL + cml_weight L_CML) +
-    div_weight L_div; the paper's weights are all 1."""
+    div_weight L_div; the paper's weights are all 1.
 
-    tau: float = 0.5  # contrastive temperature of ACL, VM, CCLRL and MM
-    threshold: float = 0.95  # c of Eq. 7 (PG)
-    sharpen_t: float | None = None  # sharpen the peer target of the cross-model CE (T of Algorithm 1; Eq. 13 has none)
+    CCL has no public code. Where the paper leaves a choice open, each reading is an option; the comment on each
+    names the paper's sentence and the alternatives. The defaults are the readings the validation sweep chose
+    (README, "Does CCL beat RoLR here?")."""
+
+    tau: float = 0.5  # contrastive temperature of ACL, VM, CCLRL and MM (not given; Fig. 6a sweeps 0.05-0.9)
+    threshold: float = 0.95  # c of Eq. 7 (PG); the appendix's default
+    # T of Algorithm 1 ("we set c = 0.95, T = 0.5 as the default value"), which no CCL equation shows. When set, it
+    # sharpens the cross-model CE's target (Eq. 13's p^w_{1-m}, or Eq. 1's mean with cml_target="mean"); none: off.
+    sharpen_t: float | None = None
+    # The target of Eq. 13's CE. "peer": p^w_{1-m} as Eq. 13 writes it; "mean": Eq. 1's (p^w_m + p^w_{1-m})/2,
+    # after "Combining with the model alignment with logits in Eq. (1)" (the sentence that introduces Eq. 13).
+    cml_target: str = "peer"
+    # y_pred of PG (Eqs. 3, 7). "own_weak": argmax and confidence of the net's own weak view (FixMatch's way);
+    # "own_strong": of its strong view, as Eq. 3 writes y_pred = max_i p^s_i (detached); "peer_weak": of the peer's.
+    pg_prediction: str = "own_weak"
     cvl_weight: float = 1.0  # L_CVL = PG + ACL + VM (Eq. 8)
     cml_weight: float = 1.0  # L_CML = CE(p^s_m, p^w_1-m) + CCLRL + MM (Eq. 13)
     div_weight: float = 1.0  # L_div (Eq. 14)
-    confidence_view: str = "strong"  # the view whose peer CE feeds the GMM (Eq. 16 uses p^s)
+    contrastive_weight: float = 1.0  # scales the four contrastive terms ACL, VM, CCLRL and MM (1 in Eq. 15)
+    # The view whose peer CE feeds the GMM: Eq. 16 writes p^s; "weak" is RoLR's code (the train-transform view in
+    # eval mode, RoLR.py l.186-198), which the paper says it follows.
+    confidence_view: str = "strong"
+    # When w is estimated. "epoch": once after each epoch, before either net trains; "net": Algorithm 1 l.7, before
+    # each net trains (under the alternate schedule, a second estimate between net 0's pass and net 1's).
+    confidence_every: str = "epoch"
     ablations: Ablation = field(default_factory=Ablation)  # Table 7
+    CML_TARGETS = ("peer", "mean")  # class constants, not options
+    PG_PREDICTIONS = ("own_weak", "own_strong", "peer_weak")
+    CONFIDENCE_EVERY = ("epoch", "net")
 
     def validate(self) -> None:
-        _check(self.tau > 0, "ccl.tau must be positive")
+        _check(math.isfinite(self.tau) and self.tau > 0, "ccl.tau must be a positive finite number")
         _check(0 <= self.threshold <= 1, "ccl.threshold must lie in [0, 1]")
-        _check(self.sharpen_t is None or self.sharpen_t > 0, "ccl.sharpen_t must be positive (or none)")
+        _check(self.sharpen_t is None or (math.isfinite(self.sharpen_t) and self.sharpen_t > 0),
+               "ccl.sharpen_t must be a positive finite number (or none)")
+        for key in ("cvl_weight", "cml_weight", "div_weight", "contrastive_weight"):
+            v = getattr(self, key)
+            _check(math.isfinite(v) and v >= 0, f"ccl.{key} must be a finite number >= 0, got {v}")
+        _check(self.cml_target in self.CML_TARGETS, f"ccl.cml_target must be {' or '.join(self.CML_TARGETS)}")
+        _check(self.pg_prediction in self.PG_PREDICTIONS,
+               f"ccl.pg_prediction must be one of {', '.join(self.PG_PREDICTIONS)}")
         _check(self.confidence_view in CONFIDENCE_VIEWS, f"ccl.confidence_view must be {' or '.join(CONFIDENCE_VIEWS)}")
+        _check(self.confidence_every in self.CONFIDENCE_EVERY,
+               f"ccl.confidence_every must be {' or '.join(self.CONFIDENCE_EVERY)}")
 
 
 @dataclass(frozen=True)
@@ -57,6 +87,8 @@ class RoLRConfig:
     confidence_view: str = "weak"  # the GMM's per-sample CE: train-transform view in eval mode (RoLR.py l.186-198)
     loss_history: int = 1  # GMM on the mean of the last k epochs' normalised losses (RoLR.py l.203-205: 5 at r=0.9)
     passes_per_net: int = 2  # passes over the data per net per epoch (RoLR.py l.86-100: each train() reads it twice)
+    # the warm-up's batch, each net in its own pass (dataloader_cifar.py l.176: 64); none = the run's batch size
+    warmup_batch_size: int | None = None
     VARIANTS = ("code", "paper")  # a class constant, not an option
 
     def temperature(self) -> float:
@@ -72,6 +104,8 @@ class RoLRConfig:
         _check(self.confidence_view in CONFIDENCE_VIEWS, f"rolr.confidence_view must be {' or '.join(CONFIDENCE_VIEWS)}")
         _check(self.loss_history >= 1, "rolr.loss_history must be at least 1")
         _check(self.passes_per_net >= 1, "rolr.passes_per_net must be at least 1")
+        _check(self.warmup_batch_size is None or self.warmup_batch_size >= 2,
+               "rolr.warmup_batch_size must be at least 2 (or none)")
 
 
 @dataclass(frozen=True)
@@ -118,6 +152,7 @@ class DivideMixConfig:
     rampup: int = 16  # epochs of Lu's linear ramp after warm-up
     prior_weight: float = 1.0  # the uniform-prior penalty (1 in the code)
     warmup_penalty: bool = False  # negative-entropy penalty in warm-up (the code adds it on asymmetric noise)
+    loss_history: int = 1  # GMM on the mean of the last k refreshes' normalised losses (Train_CIFAR.py l.178-181: 5 at r=0.9)
     plus: str = ""  # CCL's terms to add: "", "cvl", "cml" or "cvl,cml"
     plus_on: str = "labelled"  # the samples they apply to: "labelled" (the division's labelled part) or "all"
     PLUS = ("cvl", "cml")  # a class constant, not an option
@@ -132,6 +167,7 @@ class DivideMixConfig:
         _check(self.alpha > 0, "dividemix.alpha must be positive")
         _check(self.lambda_u >= 0 and self.prior_weight >= 0, "dividemix.lambda_u and prior_weight must be >= 0")
         _check(self.rampup >= 0, "dividemix.rampup must be >= 0")
+        _check(self.loss_history >= 1, "dividemix.loss_history must be at least 1")
         unknown = sorted(self.plus_terms() - set(self.PLUS))
         _check(not unknown, f"dividemix.plus takes cvl, cml or cvl,cml; unknown: {', '.join(unknown)}")
         _check(self.plus_on in self.PLUS_ON, f"dividemix.plus_on must be {' or '.join(self.PLUS_ON)}")
@@ -183,6 +219,9 @@ class TrainConfig:
     tcl: TCLConfig = field(default_factory=TCLConfig)
     dividemix: DivideMixConfig = field(default_factory=DivideMixConfig)
     val_fraction: float = 0.0  # held out of the (noisy) training set to choose best.pt on; 0: no best.pt
+    # Stop once the held-out accuracy (val_ens_top1) has not improved for this many epochs (needs val_fraction,
+    # counts from the end of warm-up); 0: train all the epochs.
+    patience: int = 0
     # run
     recipe: str | None = None  # the recipe the values came from (`ccl recipes`), checked against the data
     out: str = "runs"
@@ -191,6 +230,7 @@ class TrainConfig:
     track_every: int = 0  # epochs between the contamination measures on a test subset (ccl analyze's); 0: off
     track_samples: int = 512
     log_every: int = 50  # steps between host reads of the logged losses (and the non-finite check)
+    logger: str = "none"  # live curves: none, tensorboard or wandb (ccl.train.tracking; rank 0 only)
 
     def validate(self) -> "TrainConfig":
         from ccl.pipeline.loader import BACKENDS
@@ -219,9 +259,25 @@ class TrainConfig:
         _check(self.workers >= 0, "workers must be >= 0")
         _check(0 <= self.val_fraction <= 0.5, f"val fraction must lie in [0, 0.5], got {self.val_fraction}")
         _check(self.eval_every >= 1 and self.log_every >= 1, "eval_every and log_every must be at least 1")
+        from ccl.train.tracking import require
+
+        require(self.logger)  # a known name, its package installed
         _check(self.track_every >= 0 and self.track_samples >= 2, "track_every must be >= 0, track_samples >= 2")
+        _check(self.patience >= 0, "patience must be >= 0")
+        _check(self.patience == 0 or self.val_fraction > 0,
+               "patience stops on the held-out accuracy: set --val-fraction too (e.g. 0.1)")
+        _check(0 <= self.seed < 2**32, f"seed must lie in [0, 2^32), got {self.seed}")
+        from ccl.train.rundir import check_name
+
+        check_name(self.name)
+        for key, v in _floats(self):  # inf passes every range check written as a comparison
+            _check(math.isfinite(v), f"{key} must be a finite number, got {v}")
         for section in SECTIONS:
             getattr(self, section).validate()
+        if self.method == "ccl" and self.ccl.confidence_every == "net":
+            _check(self.schedule == "alternate" and self.confidence == "full",
+                   "ccl.confidence_every=net re-estimates w between the nets' passes: it needs --schedule alternate "
+                   "and --confidence full")
         return self
 
     def to_dict(self) -> dict:
@@ -240,6 +296,16 @@ SECTIONS = {"ccl": CCLConfig, "rolr": RoLRConfig, "tcl": TCLConfig, "dividemix":
 def _check(ok: bool, msg: str) -> None:
     if not ok:
         raise UserError(msg)
+
+
+def _floats(obj, prefix: str = ""):
+    """(key, value) of every float option of a config and its sections (`ccl.tau`, `lr`, ...)."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            yield from _floats(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float):
+            yield prefix + f.name, v
 
 
 def _build(cls, d, prefix: str):

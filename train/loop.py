@@ -9,6 +9,7 @@ interface in `ccl.train.methods.base`. The step's logged parts stay on the devic
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import random
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,18 +28,21 @@ from ccl.errors import UserError
 from ccl.model import ARCHS, auto_arch, eval_mode, memory_format
 from ccl.pipeline.augment import Augment
 from ccl.pipeline.batch import Batch
-from ccl.pipeline.loader import make_loader
+from ccl.pipeline.loader import cat_batches, make_loader
 from ccl.pipeline.shards import Damaged, ShardSet, write_json_atomic
+from ccl import files
 from ccl.train import checkpoint as ckpt
-from ccl.train import dist
+from ccl.train import dist, rundir
 from ccl.train.config import TrainConfig
+from ccl.train.environment import environment, record_resume
 from ccl.train.methods import Method, Rng, build_method
 from ccl.train.metrics import Accuracy, DeviceMeter, MetricsLog, summarize
+from ccl.train.tracking import NullLogger, global_step, make_logger
 
 # Options a `--resume` may change freely: they do not change what the run computes (or, for epochs, only how long
 # it goes on). Any other change is refused unless asked for (`allow_changes`), and then recorded in config.json.
-FREE_ON_RESUME = ("epochs", "workers", "out", "name", "eval_every", "log_every", "device", "backend", "compile",
-                  "strict", "dist_backend")
+FREE_ON_RESUME = ("epochs", "patience", "workers", "out", "name", "eval_every", "log_every", "device", "backend", "compile",
+                  "strict", "dist_backend", "logger")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -54,7 +58,7 @@ def resolve_data(cfg: TrainConfig) -> Path:
     path = Path(cfg.data)
     if not path.exists():
         raise UserError(f"data directory not found: {path} (expected shards written by tools/shard.py)")
-    return path
+    return path.resolve()  # stored so: eval, labels and --resume find it from any folder
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,9 +75,14 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """The autocast dtype of `precision`: fp16 on CUDA, bf16 on CPU; None without AMP."""
+    return (torch.float16 if device.type == "cuda" else torch.bfloat16) if enabled else None
+
+
 def precision(device: torch.device, enabled: bool):
     """One precision path: bf16 autocast on CPU, fp16 autocast with a GradScaler on CUDA, or neither."""
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    dtype = amp_dtype(device, True)
     ctx = torch.autocast(device.type, dtype=dtype, enabled=enabled)
     scaler = torch.amp.GradScaler(device.type, enabled=enabled and device.type == "cuda")
     return ctx, scaler
@@ -121,33 +130,6 @@ def git_sha() -> str | None:
         return None
 
 
-def pick_run_dir(cfg: TrainConfig, dataset: str, resume: bool, overwrite: bool) -> Path:
-    """runs/NAME: a fresh numbered name by default; --resume takes the newest run of that name."""
-    root = Path(cfg.out)
-    # The dataset name comes from a manifest, i.e. from data: it must never turn into a path outside --out.
-    base = cfg.name or f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', dataset).strip('.') or 'data'}-{cfg.method}-s{cfg.seed}"
-    if cfg.name:
-        candidates = [root / base]
-    else:
-        candidates = [root / base] + sorted(
-            (p for p in root.glob(f"{base}-*") if p.name[len(base) + 1 :].isdigit()),
-            key=lambda p: int(p.name[len(base) + 1 :]),
-        )
-    existing = [p for p in candidates if (p / "checkpoints" / "last.pt").is_file()]
-    if resume:
-        if not existing:
-            raise UserError(f"nothing to resume: no checkpoint under {root / base}")
-        return existing[-1]
-    if cfg.name and existing and not overwrite:
-        raise UserError(f"run {existing[0]} exists; pass --resume to continue it or --overwrite to start over")
-    if cfg.name or not (root / base).exists():
-        return root / base
-    i = 2
-    while (root / f"{base}-{i}").exists():
-        i += 1
-    return root / f"{base}-{i}"
-
-
 @dataclass
 class Run:
     """Everything a run is built from; made once by ``setup`` and used by train(), evaluate() and restore()."""
@@ -159,6 +141,8 @@ class Run:
     aug: Augment
     identity: dict
     model: torch.nn.Module | None = None  # what a training step calls: the method, or DDP around it (dist.wrap)
+    logger: NullLogger = NullLogger()  # --logger: TensorBoard or wandb on rank 0 (ccl.train.tracking)
+    stream_loaders: dict = field(default_factory=dict)  # (stream, batch size) -> its loader (`pass_batches`)
 
 
 def setup(cfg: TrainConfig, data_dir: Path) -> Run:
@@ -169,7 +153,7 @@ def setup(cfg: TrainConfig, data_dir: Path) -> Run:
     arch = cfg.arch if cfg.arch != "auto" else auto_arch(m["dataset"], shards.image_size)
     if arch not in ARCHS:
         raise UserError(f"unknown architecture {arch!r}; expected auto or one of {', '.join(ARCHS)}")
-    cfg = replace(cfg, arch=arch, num_classes=shards.num_classes)
+    cfg = replace(cfg, arch=arch, num_classes=shards.num_classes, data=None if cfg.data is None else str(data_dir))
     small = shards.image_size is not None and max(shards.image_size) <= 64
     device = resolve_device(cfg.device)
     num_train = shards.count("train")
@@ -185,9 +169,9 @@ def setup(cfg: TrainConfig, data_dir: Path) -> Run:
     return Run(cfg, shards, device, method, aug, identity)
 
 
-def _loader(run: Run, split: str, train: bool, subset: np.ndarray | None = None):
+def _loader(run: Run, split: str, train: bool, subset: np.ndarray | None = None, batch_size: int | None = None):
     cfg = run.cfg
-    return make_loader(run.shards, split, backend=cfg.backend, batch_size=cfg.batch_size, train=train,
+    return make_loader(run.shards, split, backend=cfg.backend, batch_size=batch_size or cfg.batch_size, train=train,
                        device=run.device, num_workers=cfg.workers, seed=cfg.seed, strict=cfg.strict, subset=subset)
 
 
@@ -209,6 +193,59 @@ def make_views(aug: Augment, images: torch.Tensor, names: tuple[str, ...], gener
     # Anything else, repeated names included (DivideMix's two weak views), draws each view on its own.
     makers = {"weak": aug.weak, "strong": aug.strong, "contrastive": getattr(aug, "contrastive", None)}
     return tuple(makers[n](images, generator=generator) for n in names)
+
+
+class _JoinedStreams:
+    """A pass over several `Stream`s: the first one's batches in its exact epoch, each joined with the next batch of
+    every other stream (restarted with a fresh permutation when it runs out)."""
+
+    def __init__(self, loaders: list, key: int):
+        self.loaders, self.key = loaders, key
+
+    def __len__(self) -> int:
+        return len(self.loaders[0])
+
+    def _cycle(self, k: int, loader) -> Iterator:
+        for cycle in itertools.count():
+            # an order of its own for each stream, pass and cycle, never one of the first stream's
+            loader.set_epoch(((self.key * 16 + k) << 20) + cycle)
+            empty = True
+            for batch in loader:
+                empty = False
+                yield batch
+            if empty:
+                return
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.loaders[0].set_epoch(self.key)
+        rest = [self._cycle(k, ld) for k, ld in enumerate(self.loaders[1:], 1)]
+        for batch in self.loaders[0]:
+            parts = [batch] + [b for b in (next(it, None) for it in rest) if b is not None]
+            yield parts[0] if len(parts) == 1 else cat_batches(parts)
+
+
+def pass_batches(run: Run, loader, epoch: int, p: int, passes: int):
+    """The batches of one training pass as the method's `streams` ask: the run's train loader itself for the
+    default stream (every trained sample once, at the run's batch size), else one loader per stream (made once per
+    stream and batch size; `select` points it at the stream's samples each pass), joined per step."""
+    key = epoch * passes + p  # a fresh order for every pass
+    streams = run.method.streams(epoch, p)
+    if len(streams) == 1 and streams[0].subset is None and streams[0].batch_size in (None, run.cfg.batch_size):
+        loader.set_epoch(key)
+        return loader
+    if run.cfg.backend != "torch":
+        raise UserError(f"{run.method.name}'s samplers (a subset of the training set, or another batch size) need "
+                        "the torch backend; the dali backend reads whole shards at one batch size")
+    loaders = []
+    for k, stream in enumerate(streams):
+        bs = stream.batch_size or run.cfg.batch_size
+        if (k, bs) not in run.stream_loaders:
+            run.stream_loaders[(k, bs)] = _loader(run, "train", train=True, batch_size=bs,
+                                                  subset=np.flatnonzero(run.method.active.cpu().numpy()))
+        ld = run.stream_loaders[(k, bs)]
+        ld.select(np.flatnonzero(run.method.active.cpu().numpy()) if stream.subset is None else stream.subset)
+        loaders.append(ld)
+    return _JoinedStreams(loaders, key)
 
 
 def ordered_views(run: Run, loader, view: str, generator) -> Iterator[tuple[Batch, torch.Tensor]]:
@@ -233,8 +270,10 @@ def evaluate(run: Run, loader, ctx, noisy: bool = False) -> dict[str, float]:
     return dist.reduce_accuracy(acc).result()  # each rank read its part of the split
 
 
-def train_epoch(run: Run, opt, scaler, ctx, rng: Rng, loader, epoch: int, bar) -> dict:
-    """One epoch of training steps (one pass per `method.passes`). Returns the epoch's logged means and timings."""
+def train_epoch(run: Run, opt, scaler, ctx, rng: Rng, loader, epoch: int, bar, refresh=None) -> dict:
+    """One epoch of training steps (one pass per `method.passes`). Returns the epoch's logged means, timings, and
+    the optimiser steps and images each net learned from. Between two passes, ``refresh(view)`` runs the refresh
+    the method asks for (`Method.refresh_between`) and returns its seconds."""
     cfg, method = run.cfg, run.method
     model = run.model or method
     method.train()
@@ -244,12 +283,14 @@ def train_epoch(run: Run, opt, scaler, ctx, rng: Rng, loader, epoch: int, bar) -
     names = method.views(epoch)
     passes = method.passes(epoch)
     steps = images = 0
-    wait, t0 = 0.0, time.perf_counter()
+    net_steps, net_images = [0] * method.num_nets, [0] * method.num_nets
+    wait, est_time, t0 = 0.0, 0.0, time.perf_counter()
     for p in range(passes):
-        loader.set_epoch(epoch * passes + p)  # a fresh order for every pass
+        pass_start = (steps, images)
+        source = pass_batches(run, loader, epoch, p, passes)  # the method's samplers (`Method.streams`)
         label = f"epoch {epoch + 1}/{cfg.epochs}" + (f" pass {p + 1}/{passes}" if passes > 1 else "")
-        task = bar.add_task(label, total=len(loader))
-        it = iter(loader)
+        task = bar.add_task(label, total=len(source))
+        it = iter(source)
         while True:
             tw = time.perf_counter()
             batch = next(it, None)
@@ -269,14 +310,23 @@ def train_epoch(run: Run, opt, scaler, ctx, rng: Rng, loader, epoch: int, bar) -
             if steps % cfg.log_every == 0:  # the only host read inside the epoch
                 means, bad = dist.read_meter(meter)  # every rank stops together on a non-finite loss
                 _stop_if_bad(bad, epoch, steps)
+                run.logger.log_step(global_step(method.passes, len(loader), epoch, steps),
+                                    means | {"lr": opt.param_groups[0]["lr"]})
                 rate = images / max(time.perf_counter() - t0, 1e-9)
                 bar.update(task, description=f"{label} loss {means['loss']:.3f} {rate:.0f} img/s")
             bar.update(task, advance=1)
         bar.remove_task(task)
+        for k in method.training_nets(epoch, p):
+            net_steps[k] += steps - pass_start[0]
+            net_images[k] += images - pass_start[1]
+        view = method.refresh_between(epoch, p) if p + 1 < passes else None
+        if view is not None and refresh is not None:
+            est_time += refresh(view)
     means, bad = dist.read_meter(meter) if steps else ({}, False)
     _stop_if_bad(bad, epoch, steps)
-    train_time = time.perf_counter() - t0
-    return {"means": means, "images": images, "train_time": train_time, "wait": wait}
+    train_time = time.perf_counter() - t0 - est_time
+    return {"means": means, "images": images, "train_time": train_time, "wait": wait, "estimate_time": est_time,
+            "net_steps": net_steps, "net_images": net_images}
 
 
 def _stop_if_bad(bad: bool, epoch: int, steps: int) -> None:
@@ -286,6 +336,15 @@ def _stop_if_bad(bad: bool, epoch: int, steps: int) -> None:
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
           progress: bool = True) -> dict:
+    """Train one run (see `_train`), holding its run directory's lock until it ends, however it ends."""
+    try:
+        return _train(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes, progress=progress)
+    finally:
+        rundir.release()
+
+
+def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, allow_changes: bool = False,
+           progress: bool = True) -> dict:
     """Train one run; returns its summary. Writes runs/NAME/{config.json, metrics.jsonl, checkpoints/, summary.json}.
 
     ``resume`` continues runs/NAME from checkpoints/last.pt; a change of any option outside `FREE_ON_RESUME` is
@@ -302,27 +361,33 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
         from ccl.train import recipes
 
         recipes.check_dataset(cfg.recipe, recipes.load(cfg.recipe), run.identity["dataset"])
-    run_dir = dist.rank0_call(pick_run_dir, cfg, run.identity["dataset"], resume, overwrite)
+    run_dir = dist.rank0_call(rundir.claim, cfg, run.identity["dataset"], resume, overwrite)  # locked by rank 0
     ck_dir = run_dir / "checkpoints"
     if main:
-        ck_dir.mkdir(parents=True, exist_ok=True)
+        files.make_dir(ck_dir)
+        if method.warmup >= cfg.epochs and type(method).default_warmup:
+            print(f"warning: the warm-up ({method.warmup} epochs) covers all {cfg.epochs} epochs: {cfg.method} "
+                  "trains only its warm-up (plain CE); lower --warmup, or raise --epochs (a warm-up-only run "
+                  "continues with --resume --epochs N)", file=sys.stderr)
     log = MetricsLog(run_dir / "metrics.jsonl")
+    run.logger = make_logger(cfg.logger, run_dir, cfg.to_dict(), main=main)
 
     ctx, scaler = precision(device, cfg.amp)
     opt = make_optimizer(cfg, method.parameters())
     seed = dist.rank_seed(cfg.seed)  # each rank augments its samples with its own stream; rank 0 with the run's
     rng = Rng(torch.Generator(device=device).manual_seed(seed), random.Random(seed))
 
-    start, best = 0, -1.0
+    start, best, best_epoch = 0, -1.0, -1
     if resume:
         path = ck_dir / "last.pt"
         state = dist.rank0_call(ckpt.load, path)  # global per-sample state: any world size resumes it
         ckpt.check_identity(state["identity"], run.identity, path)
-        changes = _resume_changes(state["config"], cfg, allow_changes)
+        changes = config_changes(state["config"], cfg, allow_changes)
         ckpt.load_method_state(method, state["method"], path)
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start, best = state["epoch"] + 1, state["best"]
+        best_epoch = state.get("best_epoch", state["epoch"])  # a checkpoint that predates it: count from here
         saved_rng = dist.rng_for_rank(state)
         if saved_rng is not None:
             ckpt.set_rng_state(saved_rng, rng)
@@ -332,12 +397,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
             log.truncate_after(state["epoch"])
         if changes and main:
             _record_changes(run_dir / "config.json", start, changes, cfg)
+        if main:
+            record_resume(run_dir / "config.json", start, environment(cfg, device, amp_dtype(device, cfg.amp)))
     elif main:
-        if overwrite and log.path.exists():
-            log.path.unlink()
         record = {"config": cfg.to_dict(), "identity": run.identity, "data": str(data_dir), "git_sha": git_sha(),
-                  "command": sys.argv}
-        (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+                  "command": sys.argv, "environment": environment(cfg, device, amp_dtype(device, cfg.amp))}
+        files.write_json(run_dir / "config.json", record)
 
     # Model selection never looks at the test split: best.pt is chosen on a held-out part of the training set.
     val = held_out(run.identity["num_train"], cfg.val_fraction, cfg.seed)
@@ -357,6 +422,20 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
 
         tracker = TrackSet.from_shards(run.shards, "test", size=cfg.track_samples, seed=cfg.seed, device=device)
 
+    def refresh_confidence(view: str) -> float:
+        """The method's refresh (GMM, centres) from a pass over the training set in `view`; its seconds."""
+        te = time.perf_counter()
+        batches = () if view == "inline" else ordered_views(run, train_in_order, view, rng.device)
+        with ctx:
+            method.refresh(batches)
+        dist.assert_same("w", method.w)
+        return time.perf_counter() - te
+
+    if start == 0:  # what the method takes from its initial networks before the first epoch (TCL's centres)
+        view = method.initial_refresh_view()
+        if view is not None:
+            refresh_confidence(view)
+
     bar = _progress(progress)
     with bar:
         for epoch in range(start, cfg.epochs):
@@ -364,7 +443,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
                 torch.cuda.reset_peak_memory_stats(device)
             dist.clear_owned_(method.sample_loss)  # each rank fills its own samples' losses; merged below
             try:
-                ep = train_epoch(run, opt, scaler, ctx, rng, train_loader, epoch, bar)
+                ep = train_epoch(run, opt, scaler, ctx, rng, train_loader, epoch, bar, refresh_confidence)
             except NonFiniteLoss as e:
                 kept = (f"the last good checkpoint is kept in {ck_dir}" if (ck_dir / "last.pt").is_file()
                         else "no checkpoint was written before it")
@@ -374,15 +453,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
             if not cfg.sync_bn:
                 trained = {k for p in range(method.passes(epoch)) for k in method.training_nets(epoch, p)}
                 dist.average_bn_stats(method.nets, trained)
-            est_time = 0.0
+            est_time = ep["estimate_time"]
             view = method.refresh_view(epoch)
             if view is not None:
-                te = time.perf_counter()
-                batches = () if view == "inline" else ordered_views(run, train_in_order, view, rng.device)
-                with ctx:
-                    method.refresh(batches)
-                est_time = time.perf_counter() - te
-                dist.assert_same("w", method.w)
+                est_time += refresh_confidence(view)
             record = {"epoch": epoch, "lr": lr_at(cfg, epoch), "warmup": method.warming_up(epoch)}
             record |= {f"train_{k}": v for k, v in ep["means"].items()}
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
@@ -397,37 +471,54 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, al
             if has_clean and main:
                 record |= method.detection(labels, clean)
             train_time = ep["train_time"]
-            (images,) = dist.sum_numbers(ep["images"])  # all ranks
+            (images, *net_images) = dist.sum_numbers(ep["images"], *ep["net_images"])  # all ranks
             record |= {"images": int(images), "images_per_s": images / max(train_time, 1e-9),
                        "data_wait": ep["wait"] / max(train_time, 1e-9), "epoch_time": train_time,
                        "estimate_time": est_time, "skipped": train_loader.skipped,
+                       # optimiser steps and images each net learned from this epoch (mean over the nets)
+                       "steps_per_net": float(np.mean(ep["net_steps"])), "images_per_net": float(np.mean(net_images)),
                        "test_skipped": test_loader.skipped}
             if device.type == "cuda":
                 record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             top1 = record.get("val_ens_top1", -1.0)  # no validation part: no best.pt (the test split never picks)
             improved = top1 > best
             best = max(best, top1)
+            best_epoch = epoch if improved else best_epoch
+            # --patience: no better held-out accuracy for `patience` epochs since warm-up ended (or since the best)
+            stop = bool(cfg.patience) and epoch - max(best_epoch, method.warmup - 1) >= cfg.patience
             rng_ranks = dist.rng_states(ckpt.rng_state(rng))  # every rank's streams, to resume on as many processes
             skipped = report_skipped(run_dir, (train_loader, val_loader, test_loader), main)
+            if stop and not main:
+                break
             if not main:
                 continue
             state = {"format": ckpt.FORMAT, "method": method.state_dict(), "optimizer": opt.state_dict(),
                      "scaler": scaler.state_dict(), "rng": ckpt.rng_state(rng), "epoch": epoch, "best": best,
+                     "best_epoch": best_epoch,
                      "identity": run.identity, "config": cfg.to_dict()}
             if rng_ranks is not None:
                 state["rng_ranks"] = rng_ranks
             log.append(record)
-            if improved:  # best first: a kill between the two writes then redoes this epoch and writes both again
-                ckpt.atomic_save(state, ck_dir / "best.pt")
-            ckpt.atomic_save(state, ck_dir / "last.pt")
+            run.logger.log_epoch(record)
+            try:  # best.pt is renamed first: a kill between the renames redoes this epoch and writes both again
+                ckpt.atomic_save(state, ck_dir / "last.pt", also=(ck_dir / "best.pt",) if improved else ())
+            except UserError:  # a full disk: the checkpoints stay as they were, and so does the log
+                log.truncate_after(epoch - 1)
+                raise
             if progress:
                 bar.console.print(_epoch_line(record))
                 for line in skipped:
                     bar.console.print(line)
+            if stop:
+                if progress:
+                    bar.console.print(f"stopped: no better held-out accuracy for {cfg.patience} epochs "
+                                      f"(best {best:.2f} at epoch {best_epoch + 1})")
+                break
+    run.logger.close()
     summary = None
     if main:
         summary = _summary(run, run_dir, log.read(), labels, clean, has_clean)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        files.write_json(run_dir / "summary.json", summary)
     summary = dist.broadcast_object(summary)
     dist.shutdown()
     return summary
@@ -445,13 +536,19 @@ def _summary(run: Run, run_dir: Path, history: list[dict], labels, clean, has_cl
             summary["auroc"] = float(np.mean(finite)) if finite else None
         summary["actual_noise_rate"] = float(np.mean(labels != clean)) if has_clean else None
         summary["epoch_time_mean"] = float(np.mean([r["epoch_time"] for r in history]))
+        # The work done, to compare methods at equal optimiser steps per net as well as at equal epochs.
+        summary["epochs_run"] = len(history)
+        summary["steps_per_net"] = float(sum(r.get("steps_per_net", 0) for r in history))
+        summary["images_per_net"] = float(sum(r.get("images_per_net", 0) for r in history))
         val = [r["val_ens_top1"] for r in history if r.get("val_ens_top1") is not None]
         if val:
             summary["val_best"] = max(val)
+            summary["val_last10_mean"] = float(np.mean(val[-10:]))
+            summary["val_best_epoch"] = int(next(r["epoch"] for r in history if r.get("val_ens_top1") == max(val)))
     return summary
 
 
-def _resume_changes(saved: dict, cfg: TrainConfig, allow: bool) -> dict:
+def config_changes(saved: dict, cfg: TrainConfig, allow: bool, free: tuple[str, ...] = FREE_ON_RESUME) -> dict:
     """{option: (saved, now)} for every option that changed, other than the free ones; refused unless allowed.
 
     An option the saved run predates (one added to ccl since) counts as its default: new options default to
@@ -461,11 +558,13 @@ def _resume_changes(saved: dict, cfg: TrainConfig, allow: bool) -> dict:
     def before(key: str):
         if key not in saved:
             return default[key]
+        if key == "data" and saved[key]:  # stored as given before it was stored resolved
+            return str(Path(saved[key]).resolve())
         if isinstance(saved[key], dict) and isinstance(default[key], dict):  # a method section: the same, per key
             return {**default[key], **saved[key]}
         return saved[key]
 
-    changes = {k: (before(k), now[k]) for k in now if k not in FREE_ON_RESUME and before(k) != now[k]}
+    changes = {k: (before(k), now[k]) for k in now if k not in free and before(k) != now[k]}
     if changes and not allow:
         first = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(changes.items())[:3])
         raise UserError(f"--resume would change the run: {first}; pass --allow-changes to continue with them "
@@ -477,7 +576,7 @@ def _record_changes(path: Path, epoch: int, changes: dict, cfg: TrainConfig) -> 
     record = json.loads(path.read_text()) if path.is_file() else {}
     record.setdefault("changes", []).append({"from_epoch": epoch, "changed": {k: list(v) for k, v in changes.items()}})
     record["config"] = cfg.to_dict()
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    files.write_json(path, record)
 
 
 def saved_config(cfg: TrainConfig) -> dict:
@@ -488,7 +587,10 @@ def saved_config(cfg: TrainConfig) -> dict:
 
 def _saved_config(cfg: TrainConfig) -> dict:
     data_dir = resolve_data(cfg)
-    run_dir = pick_run_dir(cfg, ShardSet.open(data_dir).manifest["dataset"], resume=True, overwrite=False)
+    dataset = ShardSet.open(data_dir).manifest["dataset"]
+    run_dir = rundir.find(cfg, dataset)
+    if run_dir is None:
+        raise UserError(f"nothing to resume: no checkpoint under {Path(cfg.out) / rundir.default_base(cfg, dataset)}")
     try:
         return json.loads((run_dir / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):

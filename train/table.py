@@ -1,12 +1,20 @@
-"""`ccl table`: a methods x noise x seeds grid and its results table.
+"""`ccl table`: a methods x grid x noise x seeds table of runs and its results.
 
 A column is a noise setting of the built-in digits, or, with `data`, the one given shard set (its own labels:
-every noise setting would train the same runs under different names).
+every noise setting would train the same runs under different names). A row is a method and one cell of the
+product of the `--grid` options (`KEY=V1,V2,...`); a grid key of a method's section (`ccl.sharpen_t`) applies to
+that method alone. A run's name holds only the settings that differ from the base config, so the default cell of
+two sweeps is one run, trained once.
+
+Rows are ranked by held-out accuracy on the noisy labels (`val_fraction`), never by the test split; the test
+accuracy is reported beside it.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -16,8 +24,8 @@ from rich.console import Console
 from rich.progress import Progress
 
 from ccl.errors import UserError
-from ccl.train.config import TrainConfig
-from ccl.train.loop import train
+from ccl.train.config import SECTIONS, TrainConfig, apply_overrides
+from ccl.train.loop import FREE_ON_RESUME, config_changes, train
 
 
 def parse_noise(spec: str) -> tuple[str, float]:
@@ -44,82 +52,199 @@ def grid_columns(noise: list[str], data=None) -> list[Column]:
     return [Column(f"{k}:{r:g}", f"{k}{r:g}", {"noise": k, "noise_rate": r}) for k, r in map(parse_noise, noise)]
 
 
-def _mean_std(vals: list[float]) -> tuple[float, float]:
+def parse_grid(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """`KEY=V1,V2` strings -> [(KEY, [V1, V2])]; a key given twice is the user's error."""
+    out: dict[str, list[str]] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        vals = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not vals:
+            raise UserError(f"--grid takes KEY=V1,V2,..., e.g. ccl.sharpen_t=none,0.5; got {spec!r}")
+        if key in out:
+            raise UserError(f"--grid names {key} twice")
+        out[key] = vals
+    return list(out.items())
+
+
+def _section(key: str) -> str | None:
+    section, dot, _ = key.partition(".")
+    return section if dot and section in SECTIONS else None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the table: a method and the grid's settings that differ from the base config."""
+
+    method: str
+    settings: tuple[tuple[str, str], ...]  # (key, value as given), the non-default ones only
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.settings) or "default"
+
+    @property
+    def token(self) -> str:
+        return "".join(f"-{re.sub(r'[^A-Za-z0-9_.=]+', '_', k.split('.')[-1])}={re.sub(r'[^A-Za-z0-9_.]+', '_', v)}"
+                       for k, v in self.settings)
+
+
+def grid_cells(methods: list[str], grid: list[tuple[str, list[str]]], base: dict) -> list[Cell]:
+    """The rows: per method, the product of the grids that apply to it, each setting kept only where it changes
+    the resolved config (so `--grid ccl.sharpen_t=none,0.5` keeps one default row). Every value is checked."""
+    cells: list[Cell] = []
+    for m in methods:
+        keys = [(k, vals) for k, vals in grid if _section(k) in (None, m)]
+        plain = _resolve({**base, "method": m}, [])
+        for combo in itertools.product(*(vals for _, vals in keys)):
+            pairs = [(k, v) for (k, _), v in zip(keys, combo)]
+            resolved = _resolve({**base, "method": m}, pairs)
+            changed = tuple((k, v) for k, v in pairs if _get(resolved, k) != _get(plain, k))
+            cell = Cell(m, changed)
+            if cell not in cells:
+                cells.append(cell)
+    return cells
+
+
+def _resolve(values: dict, pairs: list[tuple[str, str]]) -> dict:
+    return TrainConfig.from_dict(apply_overrides(values, [f"{k}={v}" for k, v in pairs])).validate().to_dict()
+
+
+def _get(d: dict, key: str):
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+def _mean_std(vals: list) -> tuple[float, float, int]:
     vals = [v for v in vals if v is not None and v == v]
     if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
 
 
-def _fmt(ms: tuple[float, float], digits: int = 1) -> str:
-    m, s = ms
+def _fmt(ms, digits: int = 1) -> str:
+    m, s, n = ms
     return "-" if m != m else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def run_table(*, methods, noise, seeds, epochs, warmup, arch, out: Path, data=None, base=None,
+# The figures each row reports, mean ± std over seeds: (summary key, heading, digits).
+FIGURES = (("val_best", "val best", 1), ("val_last10_mean", "val last-10", 1), ("test_at_best_val", "test at best val", 1),
+           ("test_last10_mean", "test last-10", 1), ("test_final", "test final", 1),
+           ("test_equal_steps", "test at equal steps", 1), ("auroc", "AUROC of w", 3),
+           ("epochs_run", "epochs", 0), ("steps_per_net", "steps/net", 0), ("wall_time_s", "wall s", 0))
+
+
+def run_table(*, methods, noise, seeds, epochs, warmup, arch, out: Path, data=None, base=None, grid=(),
               console: Console | None = None) -> dict:
-    """Train every (method, noise, seed) cell once; finished cells are read back, a killed one resumes."""
+    """Train every (row, column, seed) run once; finished runs are read back, a killed one resumes."""
     console = console or Console()
     columns = grid_columns(noise, data)
     out = Path(out)
-    cells = [(m, col, seed) for col in columns for m in methods for seed in seeds]
+    common = {**(base or {}), "epochs": epochs, "warmup": warmup, "arch": arch, "out": str(out / "runs")}
+    cells = grid_cells(methods, parse_grid(list(grid)), common)
+    runs = [(cell, col, seed) for col in columns for seed in seeds for cell in cells]
     results: dict[str, dict] = {}
     with Progress(console=console) as bar:
-        task = bar.add_task("grid", total=len(cells))
-        for method, col, seed in cells:
-            name = f"{method}-{col.token}-s{seed}"
+        task = bar.add_task("grid", total=len(runs))
+        for cell, col, seed in runs:
+            name = run_name(cell, col, seed)
             run_dir = out / "runs" / name
             done = run_dir / "summary.json"
-            if not done.is_file():
-                cfg = TrainConfig.from_dict({**(base or {}), "method": method, "seed": seed, "epochs": epochs,
-                                             "warmup": warmup, "arch": arch, "out": str(out / "runs"),
-                                             "name": name, **col.options})
+            values = apply_overrides({**common, "method": cell.method, "seed": seed, "name": name, **col.options},
+                                     [f"{k}={v}" for k, v in cell.settings])
+            cfg = TrainConfig.from_dict(values)
+            if done.is_file():
+                _check_same(run_dir, cfg)
+            else:
                 bar.update(task, description=f"{name}")
                 t0 = time.perf_counter()
                 resume = (run_dir / "checkpoints" / "last.pt").is_file()
                 summary = train(cfg, resume=resume, progress=False)
-                summary["wall_time_s"] = time.perf_counter() - t0  # of this process only, when the cell was resumed
+                summary["wall_time_s"] = time.perf_counter() - t0  # of this process only, when the run was resumed
                 done.write_text(json.dumps(summary, indent=2) + "\n")
             results[name] = _read(done)
             bar.advance(task)
-    table = _aggregate(results, methods, columns, seeds)
+    table = aggregate(results, cells, columns, seeds)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
-    (out / "table.md").write_text(_markdown(table, methods, columns))
+    (out / "table.md").write_text(markdown(table, columns))
     console.print((out / "table.md").read_text())
     return table
+
+
+def _check_same(run_dir: Path, cfg: TrainConfig) -> None:
+    """A finished run is read back only when it was trained with this config: a name holds the grid's settings
+    alone, so another --set, --extra or --epochs in the same --out would otherwise report the old run."""
+    free = tuple(k for k in FREE_ON_RESUME if k not in ("epochs", "patience"))  # they change what a run reports
+    changes = config_changes(_read(run_dir / "config.json").get("config", {}), cfg, allow=True, free=free)
+    if changes:
+        first = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(changes.items())[:3])
+        raise UserError(f"{run_dir} holds a finished run with other settings: {first}; give this table its own --out")
+
+
+def run_name(cell: Cell, col: Column, seed: int) -> str:
+    return f"{cell.method}-{col.token}{cell.token}-s{seed}"
 
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _aggregate(results, methods, columns, seeds) -> dict:
-    cells = {}
+def at_steps(summary: dict, budget: float) -> dict:
+    """Test and held-out accuracy of a run at its last epoch within `budget` optimiser steps per net, read from its
+    metrics.jsonl (None when it has no such epoch, or no curve)."""
+    path = Path(summary.get("run_dir", "")) / "metrics.jsonl"
+    if not summary.get("run_dir") or not path.is_file():
+        return {}
+    steps, last = 0.0, {}
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:  # a torn last line
+            break
+        steps += r.get("steps_per_net", 0)
+        if steps > budget + 1e-6:
+            break
+        last = {"test_equal_steps": r.get("ens_top1"), "val_equal_steps": r.get("val_ens_top1"), "steps": steps}
+    return last
+
+
+def aggregate(results: dict[str, dict], cells: list[Cell], columns: list[Column], seeds) -> dict:
+    """Mean ± std over seeds of each cell's FIGURES. Equal work: within a column, every run is also read at the
+    smallest number of optimiser steps per net that any run of the column took (`equal_steps`), so a method that
+    steps twice per epoch (RoLR's code) is compared at the same number of steps as one that steps once."""
+    table = {}
     for col in columns:
-        for m in methods:
-            runs = [results[f"{m}-{col.token}-s{s}"] for s in seeds]
-            cells[f"{m}|{col.label}"] = {
-                "method": m, "column": col.label, "seeds": list(seeds),
-                "final": _mean_std([r.get("test_final") for r in runs]),
-                "last10": _mean_std([r.get("test_last10_mean") for r in runs]),
-                "auroc": _mean_std([r.get("auroc") for r in runs]),
-                "wall_time_s": _mean_std([r.get("wall_time_s") for r in runs]),
+        col_runs = [results[run_name(cell, col, s)] for cell in cells for s in seeds]
+        budget = min((r["steps_per_net"] for r in col_runs if r.get("steps_per_net")), default=0.0)
+        for cell in cells:
+            runs = [results[run_name(cell, col, s)] for s in seeds]
+            equal = [at_steps(r, budget) for r in runs]
+            table[f"{cell.method}|{cell.label}|{col.label}"] = {
+                "method": cell.method, "reading": cell.label, "settings": dict(cell.settings), "column": col.label,
+                "seeds": list(seeds), "equal_steps": budget,
+                **{key: _mean_std([r.get(key) for r in runs]) for key, _, _ in FIGURES if key != "test_equal_steps"},
+                **{key: _mean_std([e.get(key) for e in equal]) for key in ("test_equal_steps", "val_equal_steps")},
                 "actual_noise_rate": _mean_std([r.get("actual_noise_rate") for r in runs]),
+                "per_seed_test_last10": [r.get("test_last10_mean") for r in runs],
             }
-    return cells
+    return table
 
 
-def _markdown(table, methods, columns) -> str:
-    head = "| method | " + " | ".join(col.label.replace(":", " ") for col in columns) + " |\n"
-    head += "|---|" + "---|" * len(columns) + "\n"
-    rows = []
-    for m in methods:
-        cells = []
-        for col in columns:
-            c = table[f"{m}|{col.label}"]
-            cells.append(f"{_fmt(c['last10'])} (final {_fmt(c['final'])}; AUROC {_fmt(c['auroc'], 3)}; "
-                         f"{c['wall_time_s'][0]:.0f} s)")
-        rows.append(f"| {m} | " + " | ".join(cells) + " |\n")
-    return ("Test accuracy (%), mean of the last 10 epochs, mean ± std over seeds; in brackets the final-epoch "
-            "accuracy, the clean-sample detection AUROC of w and the wall time per run.\n\n" + head + "".join(rows))
+def markdown(table: dict, columns: list[Column]) -> str:
+    """One table per column, rows ranked by held-out accuracy (val best) when there is one, else as given."""
+    parts = ["Accuracy (%), mean ± std over seeds. `val` is the held-out part of the noisy training set (the "
+             "ranking); `test` the clean test split, reported beside it. `steps/net`: optimiser steps each net took; "
+             "`test at equal steps`: at the last epoch within the fewest steps per net any run of the column took.\n"]
+    for col in columns:
+        rows = [c for c in table.values() if c["column"] == col.label]
+        rows.sort(key=lambda c: -c["val_best"][0] if c["val_best"][0] == c["val_best"][0] else 0.0)
+        budget = max((c.get("equal_steps", 0) for c in rows), default=0)
+        parts.append(f"\n**{col.label}** (equal steps: {budget:.0f} per net)\n\n| method | reading | "
+                     + " | ".join(h for _, h, _ in FIGURES) + " |\n")
+        parts.append("|---|---|" + "---|" * len(FIGURES) + "\n")
+        for c in rows:
+            parts.append(f"| {c['method']} | {c['reading']} | "
+                         + " | ".join(_fmt(c[key], d) for key, _, d in FIGURES) + " |\n")
+    return "".join(parts)

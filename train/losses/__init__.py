@@ -116,8 +116,8 @@ def rolr_pseudo_label(p_w_own: torch.Tensor, p_w_peer: torch.Tensor, T: float = 
 def pg(logits_s: torch.Tensor, probs_w: torch.Tensor, c: float | None = 0.95) -> torch.Tensor:
     """Predicted Guidance with confident learning, Eq. 7: -1[y_pred >= c] * y_pred * log p^s[k].
 
-    k = argmax of probs_w and y_pred = probs_w[k], where probs_w is the model's *own* prediction on the weak view
-    (the prediction-guidance half of the cross-view CE in Eq. 3), detached. c=None removes the threshold
+    k = argmax of probs_w and y_pred = probs_w[k], where probs_w is the prediction PG follows (by default the
+    model's own weak view, the prediction-guidance half of the cross-view CE in Eq. 3), detached. c=None removes the threshold
     (the "w/o Threshold in L_PG" ablation of Table 7): every sample then counts, still weighted by y_pred.
     Samples below c give exactly 0 with a zero (finite) gradient. Returns [N].
     """
@@ -200,7 +200,8 @@ def ccl_total(logits_s: torch.Tensor, labels: torch.Tensor, w, probs_w_own: torc
               probs_w_peer: torch.Tensor, acl: torch.Tensor | None, vm: torch.Tensor | None,
               cclrl: torch.Tensor | None, mm: torch.Tensor | None, c: float = 0.95,
               ablation: Ablation = Ablation(), *, sharpen_T: float | None = None, cvl_weight: float = 1.0,
-              cml_weight: float = 1.0, div_weight: float = 1.0) -> dict[str, torch.Tensor]:
+              cml_weight: float = 1.0, div_weight: float = 1.0, contrastive_weight: float = 1.0,
+              cml_target: str = "peer", probs_pg: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The CCL objective for model m, Eq. 15:
 
         L = mean_i [ w_i CE(p^s_i, y^_i) + (1 - w_i)/2 (L_CVL,i + L_CML,i) ] + L_div
@@ -211,9 +212,16 @@ def ccl_total(logits_s: torch.Tensor, labels: torch.Tensor, w, probs_w_own: torc
     Inputs: logits_s [N, C] of model m on the strong view; labels [N] noisy; w [N] model m's label confidence
     (from the peer's GMM, Eq. 16); probs_w_own / probs_w_peer [N, C] the weak-view probabilities of model m and of
     its peer (both detached here); acl, vm, cclrl, mm the per-anchor [N] vectors from `ccl.train.losses.contrastive` for
-    model m (a term the ablation drops may be None). c is PG's threshold. sharpen_T, when set, sharpens the peer
-    target of the cross-model CE (the paper lists T as a CCL input but Eq. 13 shows no sharpening; off by default).
-    cvl_weight, cml_weight and div_weight scale L_CVL, L_CML and L_div in Eq. 15 (all 1 in the paper).
+    model m (a term the ablation drops may be None). c is PG's threshold.
+
+    The readings the paper leaves open (`ccl.train.config.CCLConfig` says where each comes from):
+    - cml_target: the cross-model CE's target, "peer" = p^w_{1-m} (Eq. 13 as written) or "mean" =
+      (p^w_m + p^w_{1-m})/2 (Eq. 1's average, which the text introducing Eq. 13 refers to);
+    - sharpen_T, when set, sharpens that target (the paper lists T as a CCL input; no equation of CCL shows it);
+    - probs_pg: the probabilities PG takes y_pred and its confidence from (detached; default probs_w_own, the
+      model's own weak view; Eq. 3 writes the strong view's).
+    cvl_weight, cml_weight and div_weight scale L_CVL, L_CML and L_div in Eq. 15, contrastive_weight the four
+    contrastive terms ACL, VM, CCLRL and MM (all 1 in the paper).
 
     Returns a dict: `loss` (scalar), `div` (scalar), `per_sample_ce` (CE to the noisy label, detached, for the
     inline GMM), `pg_active` (fraction of samples above c), and for every part -- ce, pg, acl, vm, cclrl, mm,
@@ -227,21 +235,25 @@ def ccl_total(logits_s: torch.Tensor, labels: torch.Tensor, w, probs_w_own: torc
     zero = logits.new_zeros(n)
     ce_noisy = ce(logits, labels)  # [N]
 
-    own = _f(probs_w_own.detach())
-    pg_active = (own.max(dim=-1).values >= c).to(logits.dtype).mean() if c is not None else logits.new_ones(())
+    if cml_target not in ("peer", "mean"):
+        raise ValueError(f"cml_target must be 'peer' or 'mean', got {cml_target!r}")
+    source = _f((probs_w_own if probs_pg is None else probs_pg).detach())  # where PG's y_pred comes from
+    pg_active = (source.max(dim=-1).values >= c).to(logits.dtype).mean() if c is not None else logits.new_ones(())
     if ablation.no_cvl:
         pg_v = acl_v = vm_v = zero
     else:
-        pg_v = pg(logits, own, None if ablation.no_threshold else c)
-        acl_v = _vec("acl", acl, n, logits)
-        vm_v = zero if ablation.no_mimicry else _vec("vm", vm, n, logits)
+        pg_v = pg(logits, source, None if ablation.no_threshold else c)
+        acl_v = contrastive_weight * _vec("acl", acl, n, logits)
+        vm_v = zero if ablation.no_mimicry else contrastive_weight * _vec("vm", vm, n, logits)
     if ablation.no_cml:
         cml_ce = cclrl_v = mm_v = zero
     else:
-        peer = _f(probs_w_peer.detach())
-        cml_ce = soft_ce(logits, peer if sharpen_T is None else sharpen(peer, sharpen_T))
-        cclrl_v = _vec("cclrl", cclrl, n, logits)
-        mm_v = zero if ablation.no_mimicry else _vec("mm", mm, n, logits)
+        target = _f(probs_w_peer.detach())  # [N, C]
+        if cml_target == "mean":
+            target = (_f(probs_w_own.detach()) + target) / 2
+        cml_ce = soft_ce(logits, target if sharpen_T is None else sharpen(target, sharpen_T))
+        cclrl_v = contrastive_weight * _vec("cclrl", cclrl, n, logits)
+        mm_v = zero if ablation.no_mimicry else contrastive_weight * _vec("mm", mm, n, logits)
 
     cvl = pg_v + acl_v + vm_v  # [N]
     cml = cml_ce + cclrl_v + mm_v  # [N]

@@ -5,10 +5,14 @@ and MoCo v3's modules do. The loop (ccl.train.loop) drives any method through th
 
     views(epoch)                  the views one step needs, in order: ("weak",), ("weak", "strong"), ...
     passes(epoch)                 passes over the training data this epoch (2 for the alternate twin schedule)
+    streams(epoch, pass)          the samplers of a pass (`Stream`): by default one, every trained sample once at
+                                  the run's batch size; DivideMix draws a labelled and an unlabelled batch per step
     forward(batch, views, epoch, pass_index, rng) -> Step
                                   the loss (with its graph) and a vector of logged parts, kept on the device
     refresh_view(epoch)           after this epoch: None (nothing to refresh), "inline" (from what the steps
                                   recorded), or the view of a pass over the training set in index order
+    refresh_between(epoch, pass)  after a pass that is not the epoch's last: None, or the view of a refresh then
+    initial_refresh_view()        before the first epoch: None, or the view of a refresh from the initial nets
     refresh(batches)              refresh the label confidence (GMM) or TCL's centres from (batch, view) pairs
     eval_logits(x)                logits of each net and of the ensemble
     detection(noisy, clean)       how well the label confidence finds the clean labels, when they are known
@@ -24,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -31,7 +36,7 @@ from ccl.model import build_nets, eval_mode
 from ccl.pipeline.batch import Batch
 from ccl.train import dist, losses
 from ccl.train.config import TrainConfig
-from ccl.train.losses.confidence import detection_metrics, gmm_confidence
+from ccl.train.losses.confidence import detection_metrics, gmm_confidence, gmm_confidence_as_given
 
 
 @dataclass
@@ -40,6 +45,20 @@ class Rng:
 
     device: torch.Generator  # per-sample augmentation draws and permutations, on the training device
     host: random.Random  # scalar draws (mixup's lambda) that need no device round trip
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One sampler of a training pass (`Method.streams`).
+
+    The first stream of a pass is an exact epoch over its samples: each once, on exactly one rank (the loader's
+    guarantee), and its batches set the pass's steps. Every further stream gives one batch per step: a fresh
+    permutation of its samples, split by rank the same way, restarted with a new permutation when it runs out
+    (so within a pass a sample repeats only after all the others have been drawn, and samples the pass has no
+    step for are left out). The loop joins a step's batches into one `Batch`, the streams' rows in order."""
+
+    subset: np.ndarray | None = None  # the sample indices it draws from (trained samples only); None: all of them
+    batch_size: int | None = None  # None: the run's --batch-size
 
 
 class Step(NamedTuple):
@@ -100,6 +119,10 @@ class Method(nn.Module):
     def views(self, epoch: int) -> tuple[str, ...]:
         return ("weak",) if self.warming_up(epoch) else self.train_views
 
+    def streams(self, epoch: int, pass_index: int) -> tuple[Stream, ...]:
+        """The samplers of a pass, called once at its start: by default every trained sample at the run's batch."""
+        return (Stream(),)
+
     # -- the step -----------------------------------------------------------------------------------------------
     def forward(self, batch: Batch, views: tuple[torch.Tensor, ...], epoch: int, pass_index: int = 0,
                 rng: Rng | None = None) -> Step:
@@ -133,6 +156,14 @@ class Method(nn.Module):
         if self.warming_up(epoch + 1):
             return None
         return "inline" if self.cfg.confidence == "inline" else self.confidence_view
+
+    def refresh_between(self, epoch: int, pass_index: int) -> str | None:
+        """A refresh between two passes of one epoch (after pass ``pass_index``): none by default."""
+        return None
+
+    def initial_refresh_view(self) -> str | None:
+        """The view of a refresh before the first epoch, from the initial networks (not on resume): none by default."""
+        return None
 
     @torch.no_grad()
     def refresh(self, batches: Iterable[tuple[Batch, torch.Tensor]]) -> None:
@@ -182,6 +213,42 @@ class Method(nn.Module):
         out = {f"net{k}": net(x)[0].float() for k, net in enumerate(self.nets)}
         out["ens"] = torch.stack(list(out.values())).sum(0) if self.num_nets > 1 else out["net0"]
         return out
+
+
+class LossHistory:
+    """A mixin for `Method`s whose GMM fits a loss history, as RoLR's and DivideMix's code do (chenmc1996/Robust-LR
+    RoLR.py l.200-212; LiJunnan1992/DivideMix Train_CIFAR.py l.175-189): each refresh min-max normalises each net's
+    losses and appends them to its history; the GMM fits the mean of the last `history_length()` entries (the codes
+    average 5 at 90% noise, else use the current losses alone), unstretched; each net's w comes from its peer's fit.
+    Normalisation and GMM see the trained samples only; a sample held out for validation keeps w = 1."""
+
+    def history_length(self) -> int:
+        raise NotImplementedError
+
+    def __init__(self, cfg, num_classes: int, num_train: int, arch: str, small_input: bool):
+        super().__init__(cfg, num_classes, num_train, arch, small_input)
+        # Each refresh's normalised losses per net in a ring of `history_length()` slots, and how many refreshes
+        # have written to it. Buffers, so a resumed run keeps them.
+        self.register_buffer("loss_history", torch.zeros(self.num_nets, self.history_length(), num_train))
+        self.register_buffer("history_count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def confidence_from_losses(self, sample_loss: torch.Tensor) -> torch.Tensor:
+        active = self.active
+        x = sample_loss[:, active]  # [nets, n_active]
+        lo = x.amin(dim=1, keepdim=True)
+        span = x.amax(dim=1, keepdim=True) - lo
+        normalised = torch.where(span > 0, (sample_loss - lo) / span.clamp_min(1e-30), torch.zeros_like(sample_loss))
+        k = self.loss_history.shape[1]
+        self.loss_history[:, int(self.history_count) % k] = normalised  # [nets, N] into the oldest slot
+        self.history_count += 1
+        used = self.loss_history[:, : min(int(self.history_count), k)].mean(dim=1)[:, active]  # [nets, n_active]
+        w = torch.ones_like(sample_loss)
+        for m in range(self.num_nets):
+            peer = (m + 1) % self.num_nets
+            w[m, active] = torch.from_numpy(gmm_confidence_as_given(used[peer].cpu().numpy(),
+                                                                    seed=self.cfg.seed)).to(w)
+        return w
 
 
 class TwinMethod(Method):

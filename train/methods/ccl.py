@@ -20,6 +20,13 @@ class CCL(TwinMethod):
     name = "ccl"
     default_warmup = 10  # the paper's CIFAR-10 setting (30 for CIFAR-100)
 
+    def refresh_between(self, epoch: int, pass_index: int) -> str | None:
+        """Algorithm 1 l.7 (ccl.confidence_every=net): w is estimated before each net trains, so under the alternate
+        schedule a second estimate follows net 0's pass, from net 0 as it now is, before net 1 learns."""
+        if self.cfg.ccl.confidence_every != "net" or self.warming_up(epoch) or pass_index + 1 >= self.passes(epoch):
+            return None
+        return self.confidence_view
+
     def twin_loss(self, batch: Batch, own: dict[int, dict], peer: dict[int, dict]) -> Step:
         cfg = self.cfg.ccl
         # CCLRL positives of net m: argmax of its refurbished labels (Eq. 10), built from the PEER's prediction.
@@ -41,12 +48,16 @@ class CCL(TwinMethod):
             cont = {m: {key: c[key][rows] for key in CONTRASTIVE}}
         parts, loss = Parts(), torch.zeros((), device=batch.label.device)
         for m in own:
+            probs_w = F.softmax(own[m]["logits_w"], dim=1)
+            probs_peer = F.softmax(peer[m]["logits_w"], dim=1)
+            probs_pg = {"own_weak": probs_w, "peer_weak": probs_peer,
+                        "own_strong": F.softmax(own[m]["logits_s"].detach(), dim=1)}[cfg.pg_prediction]
             out = losses.ccl_total(
-                own[m]["logits_s"], batch.label, self.w[m, batch.index],
-                F.softmax(own[m]["logits_w"], dim=1), F.softmax(peer[m]["logits_w"], dim=1),
+                own[m]["logits_s"], batch.label, self.w[m, batch.index], probs_w, probs_peer,
                 *(cont[m][key] for key in CONTRASTIVE),
                 c=cfg.threshold, ablation=cfg.ablations, sharpen_T=cfg.sharpen_t,
                 cvl_weight=cfg.cvl_weight, cml_weight=cfg.cml_weight, div_weight=cfg.div_weight,
+                contrastive_weight=cfg.contrastive_weight, cml_target=cfg.cml_target, probs_pg=probs_pg,
             )
             self.record_loss(m, batch.index, out["per_sample_ce"])
             loss = loss + out["loss"]
