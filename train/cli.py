@@ -11,7 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from ccl.errors import UserError
+from ccl.model import ARCHS
 from ccl.train.config import SECTIONS, TrainConfig, apply_overrides, load_config_file
+from ccl.train.methods import METHODS
 
 app = typer.Typer(help="ccl: train with noisy labels (CCL, TCL, RoLR, CE) from WebDataset shards.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -62,12 +64,13 @@ def train(
     data: Optional[Path] = typer.Option(None, help="Shard directory from tools/shard.py. Default: the built-in "
                                         "digits set with --noise/--noise-rate, built into ~/.cache/ccl on first use.",
                                         show_default=False),
-    method: str = typer.Option(_D.method, help="ccl, tcl, rolr, dividemix or ce."),
-    arch: str = typer.Option(_D.arch, help="auto, resnet18, resnet50, resnet_small or resnet_tiny; auto takes the "
-                             "paper's choice for the dataset."),
+    method: str = typer.Option(_D.method, help=f"{', '.join(METHODS)}."),
+    arch: str = typer.Option(_D.arch, help=f"auto, {', '.join(ARCHS)}; auto takes the paper's choice for the "
+                             "dataset."),
     epochs: int = typer.Option(_D.epochs, help="Epochs in all, warm-up included."),
-    warmup: Optional[int] = typer.Option(None, help="Warm-up epochs of plain CE. Default: the method's (10 for "
-                                         "ccl and rolr, 20 for tcl).", show_default=False),
+    warmup: Optional[int] = typer.Option(None, help="Warm-up epochs of plain CE. Default: the method's ("
+                                         + ", ".join(f"{n} {m.default_warmup}" for n, m in METHODS.items()) + ").",
+                                         show_default=False),
     batch_size: int = typer.Option(_D.batch_size, help="Batch size."),
     optimizer: str = typer.Option(_D.optimizer, help="adam (the CCL paper's) or sgd (RoLR's, DivideMix's and "
                                   "TCL's code; their recipes set it)."),
