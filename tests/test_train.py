@@ -186,15 +186,16 @@ def test_table_writes_its_files_and_skips_finished_cells(digits, tmp_path, monke
     kw = dict(methods=["ce"], noise=["sym:0.4", "pair:0.2"], seeds=[0], epochs=1, warmup=0, arch="resnet_tiny",
               out=tmp_path / "grid", data=digits, base={"workers": 0, "batch_size": 64})
     first = table.run_table(**kw)
-    cell = first[f"ce|{digits.name}"]  # with --data: one column, named after the data, whatever --noise says
-    assert list(first) == [f"ce|{digits.name}"] and (tmp_path / "grid" / "runs" / f"ce-{digits.name}-s0").is_dir()
-    assert cell["final"][0] > 0 and (tmp_path / "grid" / "table.md").is_file()
+    key = f"ce|default|{digits.name}"  # with --data: one column, named after the data, whatever --noise says
+    cell = first[key]
+    assert list(first) == [key] and (tmp_path / "grid" / "runs" / f"ce-{digits.name}-s0").is_dir()
+    assert cell["test_final"][0] > 0 and (tmp_path / "grid" / "table.md").is_file()
 
     def no_training(*a, **k):
         raise AssertionError("a finished cell was trained again")
 
     monkeypatch.setattr(table, "train", no_training)
-    again = table.run_table(**kw)[f"ce|{digits.name}"]
+    again = table.run_table(**kw)[key]
     assert json.dumps(again) == json.dumps(cell)  # as text: CE has no AUROC, and NaN != NaN
 
 

@@ -178,6 +178,7 @@ def _check_same(run_dir: Path, cfg: TrainConfig) -> None:
     alone, so another --set, --extra or --epochs in the same --out would otherwise report the old run."""
     free = tuple(k for k in FREE_ON_RESUME if k not in ("epochs", "patience"))  # they change what a run reports
     changes = config_changes(_read(run_dir / "config.json").get("config", {}), cfg, allow=True, free=free)
+    changes = {k: v for k, v in changes.items() if v[1] is not None}  # unset here: the run resolved it (num_classes)
     if changes:
         first = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(changes.items())[:3])
         raise UserError(f"{run_dir} holds a finished run with other settings: {first}; give this table its own --out")
