@@ -18,14 +18,6 @@ from test_losses import check_against, make, ref_ccl_total, ref_sharpen, ref_sof
 from test_train import history, small_cfg
 
 
-@pytest.fixture
-def f64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def ref_reading(logits, labels, w, own, peer, pg_src, vecs, *, c, target, T, cw):
     """Eq. 15 written out with the readings: PG from `pg_src`, the cross-model target `target` ("peer" or "mean"),
     sharpened by T when set, the four contrastive terms scaled by cw."""
@@ -41,7 +33,7 @@ def ref_reading(logits, labels, w, own, peer, pg_src, vecs, *, c, target, T, cw)
 @pytest.mark.parametrize("T", [None, 0.5])
 @pytest.mark.parametrize("cw", [1.0, 0.5])
 @pytest.mark.parametrize("pg_from", ["own", "other"])
-def test_ccl_total_readings_match_reference(f64, target, T, cw, pg_from):
+def test_ccl_total_readings_match_reference(float64, target, T, cw, pg_from):
     logits, labels, own, peer, w, vecs = make(7)
     other = torch.softmax(torch.randn(own.shape, generator=torch.Generator().manual_seed(3)) * 5, -1)
     pg_src = own if pg_from == "own" else other
@@ -51,7 +43,7 @@ def test_ccl_total_readings_match_reference(f64, target, T, cw, pg_from):
     check_against(out["loss"], ref, [logits, *vecs])
 
 
-def test_readings_change_the_loss_and_defaults_are_eq_15(f64):
+def test_readings_change_the_loss_and_defaults_are_eq_15(float64):
     logits, labels, own, peer, w, vecs = make(8)
     plain = L.ccl_total(logits, labels, w, own, peer, *vecs, c=0.6)["loss"]
     assert torch.allclose(plain, ref_ccl_total(logits, labels, w, own, peer, *vecs, c=0.6, abl=L.Ablation()))
