@@ -26,6 +26,7 @@ from rich.progress import Progress
 from ccl.errors import UserError
 from ccl.train.config import SECTIONS, TrainConfig, apply_overrides
 from ccl.train.loop import FREE_ON_RESUME, config_changes, train
+from ccl.train.metrics import MetricsLog
 
 
 def parse_noise(spec: str) -> tuple[str, float]:
@@ -195,15 +196,10 @@ def _read(path: Path) -> dict:
 def at_steps(summary: dict, budget: float) -> dict:
     """Test and held-out accuracy of a run at its last epoch within `budget` optimiser steps per net, read from its
     metrics.jsonl (None when it has no such epoch, or no curve)."""
-    path = Path(summary.get("run_dir", "")) / "metrics.jsonl"
-    if not summary.get("run_dir") or not path.is_file():
+    if not summary.get("run_dir"):
         return {}
     steps, last = 0.0, {}
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:  # a torn last line
-            break
+    for r in MetricsLog(Path(summary["run_dir"]) / "metrics.jsonl").read():  # complete lines only
         steps += r.get("steps_per_net", 0)
         if steps > budget + 1e-6:
             break
