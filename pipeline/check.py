@@ -557,24 +557,17 @@ def check_command(
 
     import typer
 
+    rep = check(data, backends=resolve_backends(backend), workers=workers, dali_device=dali_device,
+                progress=progress and sys.stderr.isatty(), decode_damaged=decode_damaged)
+    for line in summary(rep, max_list):
+        print(line)
+    root = Path(data).parent if Path(data).name == MANIFEST else Path(data)
+    out = Path(report) if report is not None else root / REPORT
     try:
-        rep = check(data, backends=resolve_backends(backend), workers=workers, dali_device=dali_device,
-                    progress=progress and sys.stderr.isatty(), decode_damaged=decode_damaged)
-        for line in summary(rep, max_list):
-            print(line)
-        root = Path(data).parent if Path(data).name == MANIFEST else Path(data)
-        out = Path(report) if report is not None else root / REPORT
-        try:
-            write_json_atomic(out, rep)
-        except OSError as e:
-            raise UserError(f"cannot write the report to {out} ({e.strerror}); pass --report PATH") from None
-        print(f"report: {out}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise typer.Exit(130)
+        write_json_atomic(out, rep)
+    except OSError as e:
+        raise UserError(f"cannot write the report to {out} ({e.strerror}); pass --report PATH") from None
+    print(f"report: {out}")
     raise typer.Exit(0 if rep["ok"] else 1)
 
 

@@ -1092,6 +1092,54 @@ class ShardSet:
                 yield Sample(index, label, clean, decode_image(data))
 
 
+@dataclass(frozen=True)
+class SampleLocations:
+    """Per sample of one split, in index order: the shard it is in, its key, and its image's bytes' location."""
+
+    tars: list[Path]
+    shard: np.ndarray  # int32 [N]
+    offset: np.ndarray  # int64 [N]
+    size: np.ndarray  # int64 [N]
+    ext: list[str]  # "jpg" or "png", [N]
+    key: list[str]  # the sample's key in the tar (everything before the first dot of its members' names), [N]
+
+    def read(self, i: int) -> bytes:
+        with open(self.tars[int(self.shard[i])], "rb") as f:
+            return os.pread(f.fileno(), int(self.size[i]), int(self.offset[i]))
+
+
+def sample_locations(shards: "ShardSet", split: str) -> SampleLocations:
+    """Where each sample of a split lives, from the split's index files (read by `parse_index_text`)."""
+    tars = shards.shards(split)
+    n = shards.count(split)
+    shard = np.empty(n, np.int32)
+    offset = np.empty(n, np.int64)
+    size = np.empty(n, np.int64)
+    ext: list[str] = []
+    key: list[str] = []
+    pos = 0
+    for s, idx in enumerate(shards.index_files(split)):
+        try:
+            raw = idx.read_bytes()
+        except OSError as e:
+            raise UserError(f"{idx}: cannot read ({e.strerror}); every shard has a DALI index next to it "
+                            "(reconvert with tools/shard.py)") from None
+        for comps in parse_index_text(raw, str(idx)):
+            image = next((e for e in IMAGE_EXTS if e in comps), None)
+            if image is None:
+                raise UserError(f"{idx}: sample {pos} has no {' or '.join(IMAGE_EXTS)} component")
+            if pos >= n:
+                raise UserError(f"split {split!r}: the shards hold more samples than the manifest's {n}")
+            field_ = comps[image]
+            shard[pos], offset[pos], size[pos] = s, field_.offset, field_.size
+            ext.append(image)
+            key.append(_split_path(field_.name)[0])
+            pos += 1
+    if pos != n:
+        raise UserError(f"split {split!r}: the shards hold {pos} samples, the manifest says {n}")
+    return SampleLocations(list(tars), shard, offset, size, ext, key)
+
+
 def load_manifest(mpath: Path):
     """The parsed manifest.json (not yet schema-checked); UserError when it is not JSON."""
     try:

@@ -229,11 +229,7 @@ def views(
 ) -> None:
     """What the model sees: originals, weak, strong, mixup and TCL's two contrastive views as a PNG grid, and the
     drawn RandAugment ops with their value ranges as JSON."""
-    try:
-        res = render_views(data, out, n=n, draws=draws, seed=seed, split=split)
-    except UserError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    res = render_views(data, out, n=n, draws=draws, seed=seed, split=split)
     ops = res["summary"]["ops"]
     typer.echo(f"grid: {res['grid']}")
     typer.echo(f"draws: {res['json']}")

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from ccl.errors import UserError
-from ccl.train.analyze import metrics as M
-from ccl.train.analyze.taxonomy import Taxonomy, WordNet, builtin_taxonomies, load_taxonomy, resolve_taxonomies
+from ccl import contamination as M
+from ccl.analysis.contamination.taxonomy import Taxonomy, WordNet, builtin_taxonomies, load_taxonomy, resolve_taxonomies
 
 
 def _rotation(d: int, seed: int) -> np.ndarray:
@@ -197,7 +197,7 @@ def test_builtin_taxonomies_cover_their_data_sets():
 
 
 def tax_dir():
-    from ccl.train.analyze.taxonomy import BUILTIN_DIR
+    from ccl.analysis.contamination.taxonomy import BUILTIN_DIR
 
     return BUILTIN_DIR
 
@@ -236,7 +236,7 @@ def test_confusion_by_hand():
 
 def test_track_gives_the_keys_and_identical_twins_agree():
     from ccl.model import build_nets
-    from ccl.train.analyze import track
+    from ccl.train.track import track
 
     nets = build_nets("resnet_tiny", 4, 2, True, seed=0)
     nets[1].load_state_dict(nets[0].state_dict())  # identical twins
@@ -271,17 +271,9 @@ def tiny_runs(digits, tmp_path_factory):
 
 
 def _cli(*args):
-    import typer
     from typer.testing import CliRunner
 
-    from ccl.train.analyze.cli import register
-
-    app = typer.Typer()
-    register(app)
-
-    @app.callback()
-    def main():  # a group, so that the command is invoked by its name as under `ccl`
-        pass
+    from ccl.cli import app
 
     result = CliRunner().invoke(app, ["analyze", *map(str, args)])
     if not result.exit_code:
@@ -362,7 +354,7 @@ def test_analyze_bad_input_is_one_line(tiny_runs, tmp_path):
 
 def test_track_set_holds_a_fixed_seeded_subset(digits):
     from ccl.pipeline.shards import ShardSet
-    from ccl.train.analyze import TrackSet
+    from ccl.train.track import TrackSet
 
     shards = ShardSet.open(digits)
     a = TrackSet.from_shards(shards, "test", size=50, seed=3)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ccl.errors import UserError
-from ccl.train.bench.pipeline import BACKENDS, Cutout, bench_pipeline
+from ccl.bench.pipeline import BACKENDS, Cutout, bench_pipeline
 
 
 def _check_row(row, backend):

@@ -12,7 +12,7 @@ from ccl.errors import UserError
 from ccl.train import losses as L
 from ccl.train.config import CCLConfig, TrainConfig
 from ccl.train.loop import train
-from ccl.train.table import Cell, Column, aggregate, grid_cells, markdown, parse_grid, run_name, run_table
+from ccl.analysis.table import Cell, Column, aggregate, grid_cells, markdown, parse_grid, run_name, run_table
 
 from test_losses import check_against, make, ref_ccl_total, ref_sharpen, ref_soft_ce
 from test_train import history, small_cfg
@@ -166,7 +166,7 @@ def test_grid_cells_names_and_sections():
 def test_table_refuses_a_finished_run_with_other_settings(tmp_path, monkeypatch):
     """A run's name holds only the grid's settings: a table with another --set in the same --out must not read
     back the old runs as its own."""
-    from ccl.train import table as table_mod
+    from ccl.analysis import table as table_mod
 
     def fake_train(cfg, resume=False, progress=False):
         d = tmp_path / "out" / "runs" / cfg.name

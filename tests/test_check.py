@@ -7,22 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from ccl.pipeline.check import check, register, summary
+from ccl.cli import app
+from ccl.pipeline.check import check, summary
 from ccl.pipeline.shards import ShardSet, parse_index
 from test_reliability import HAVE_DALI, resign, sets  # noqa: F401 - sets is a fixture
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-@app.callback()
-def _main() -> None:
-    pass
-
-
-register(app)
 
 
 def run_cli(*args: str):

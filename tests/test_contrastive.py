@@ -439,7 +439,7 @@ def test_invalid_inputs_are_refused(kwargs):
 def test_bench_kernel_smoke(tmp_path):
     from rich.console import Console
 
-    from ccl.train.bench.kernel import bench_kernel
+    from ccl.bench.kernel import bench_kernel
 
     out = tmp_path / "bench.json"
     rows = bench_kernel(ns=(32,), d=16, repeats=1, json_path=out, console=Console(file=None, quiet=True))

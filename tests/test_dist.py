@@ -20,7 +20,7 @@ import torch
 
 HERE = Path(__file__).resolve()
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
-CLI = ["-m", "ccl.train.cli", "train"]
+CLI = ["-m", "ccl.cli", "train"]
 
 
 def _env() -> dict:
@@ -180,7 +180,7 @@ def _rank_pid(agent: int, rank: int) -> int:
 def test_bench_scale_measures_and_the_fast_label_scan_agrees_with_the_loop(digits, tmp_path):
     import numpy as np
     from ccl.pipeline.shards import ShardSet, scan_labels_fast, scan_shard
-    from ccl.train.bench.scale import bench_scale
+    from ccl.bench.scale import bench_scale
     from rich.console import Console
 
     with open(os.devnull, "w") as quiet:

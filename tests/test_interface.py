@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 from ccl.train import checkpoint as ckpt
-from ccl.train.bench.train import HostSyncCounter
+from ccl.bench.train import HostSyncCounter
 from ccl.train.config import TrainConfig, apply_overrides
 from ccl.train.loop import lr_at, make_optimizer, make_views, resolve_device, setup, train
 

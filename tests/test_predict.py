@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from ccl.pipeline.shards import ShardSet
-from ccl.train import predict as P
+from ccl.analysis import predict as P
 from ccl.train.config import TrainConfig
-from ccl.train.labels import sample_locations
+from ccl.pipeline.shards import sample_locations
 from ccl.train.loop import evaluate_checkpoint, train
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -30,8 +29,8 @@ def run_dir(digits, tmp_path_factory):
 
 
 def cli(*args):
-    app = typer.Typer(pretty_exceptions_enable=False)
-    P.register(app)
+    from ccl.cli import app
+
     return CliRunner().invoke(app, [str(a) for a in args])
 
 

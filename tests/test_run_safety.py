@@ -81,7 +81,7 @@ def remount(path: Path, opts: str) -> None:
 
 
 def cli(*args):
-    from ccl.train.cli import app
+    from ccl.cli import app
 
     res = CliRunner().invoke(app, list(args))
     return res.exit_code, res.stdout, res.stderr

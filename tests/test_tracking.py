@@ -11,11 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from ccl.errors import UserError
-from ccl.train import runs as R
+from ccl.analysis import runs as R
 from ccl.train import tracking
 from ccl.train.config import TrainConfig
 from ccl.train.loop import train
@@ -177,8 +176,8 @@ def test_runs_group_by_method_and_noise_with_mean_and_std_over_seeds(tmp_path):
 
 def test_runs_command_prints_and_writes_markdown_and_json(tb_run, tmp_path):
     fake_run(tmp_path, "old", "ce", "sym:0.4", 0, 10.0, 0.5)
-    app = typer.Typer()
-    R.register(app)
+    from ccl.cli import app
+
     app.command("other")(lambda: None)
     out = tmp_path / "cmp.md"
     r = CliRunner().invoke(app, ["runs", str(tb_run.parent), str(tmp_path), "--out", str(out), "--last", "1"])

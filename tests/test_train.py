@@ -141,7 +141,7 @@ def test_a_checkpoint_from_another_config_is_refused(digits, tmp_path):
 
 
 def _ccl(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "ccl.train.cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "ccl.cli", *args], capture_output=True, text=True, env=env,
                           timeout=600)
 
 
@@ -181,7 +181,7 @@ def test_ablation_flags_reach_the_loss(digits, tmp_path):
 
 
 def test_table_writes_its_files_and_skips_finished_cells(digits, tmp_path, monkeypatch):
-    from ccl.train import table
+    from ccl.analysis import table
 
     kw = dict(methods=["ce"], noise=["sym:0.4", "pair:0.2"], seeds=[0], epochs=1, warmup=0, arch="resnet_tiny",
               out=tmp_path / "grid", data=digits, base={"workers": 0, "batch_size": 64})
@@ -200,7 +200,7 @@ def test_table_writes_its_files_and_skips_finished_cells(digits, tmp_path, monke
 
 
 def test_table_columns_are_noise_settings_or_the_one_data_set(tmp_path):
-    from ccl.train.table import grid_columns
+    from ccl.analysis.table import grid_columns
 
     cols = grid_columns(["sym:0.5", "pair:0.4"])
     assert [(c.label, c.token) for c in cols] == [("sym:0.5", "sym0.5"), ("pair:0.4", "pair0.4")]

@@ -8,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
 from ccl.pipeline.augment import PARAMETERLESS_OPS, RA_RANGES
-from ccl.pipeline.views import ROWS, register, render_views
+from ccl.pipeline.views import ROWS, render_views
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -72,8 +71,8 @@ def test_default_data_is_the_cached_digits_set(digits, tmp_path, monkeypatch):
 
 
 def test_command_and_its_errors(digits, tmp_path):
-    app = typer.Typer()
-    register(app)
+    from ccl.cli import app
+
     app.command("noop")(lambda: None)  # with one command Typer would drop the subcommand name
     runner = CliRunner()
     ok = runner.invoke(app, ["views", "--data", str(digits), "--out", str(tmp_path / "o"), "--n", "3",

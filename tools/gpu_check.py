@@ -32,7 +32,7 @@ Modes (sizes and budgets in MODES):
 How it runs:
 - every item runs in child processes with a timeout, so a CUDA error or a crash costs that item, not the run; this
   process never initialises CUDA, so the device-memory figures are the children's alone;
-- the training path is used only through the CLI (`python -m ccl.train.cli`), as a user runs it;
+- the training path is used only through the CLI (`python -m ccl.cli`), as a user runs it;
 - correctness checks always run; a benchmark that would not finish within the budget is skipped and says so;
 - CCL_GPU_CHECK_BREAK=NAME[,NAME] perturbs what the named checks compare, so the test can show that they fail.
 """
@@ -272,7 +272,7 @@ def run_all(procs: list, parallel: int) -> None:
 
 def cli(*args) -> list[str]:
     """The ccl command line, run as a module so it needs no console script on the PATH."""
-    return [sys.executable, "-m", "ccl.train.cli", *map(str, args)]
+    return [sys.executable, "-m", "ccl.cli", *map(str, args)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1113,7 +1113,7 @@ def item_bench_kernel(run: Run) -> dict:
             rows += json.loads(out.read_text())["rows"]
     if fused_only:
         out = run.out / "bench_kernel_fused.json"
-        code = ("from ccl.train.bench.kernel import bench_kernel; "
+        code = ("from ccl.bench.kernel import bench_kernel; "
                 f"bench_kernel(ns={tuple(fused_only)!r}, d={d}, impls=('torch', 'triton'), json_path={str(out)!r})")
         cmd = [sys.executable, "-c", code]
         p = run.proc(cmd, "bench-kernel-fused.log", run.timeout(300)).wait()
@@ -1240,7 +1240,7 @@ def _bench_pipeline(run: Run, backend: str, names: list[str], log: str) -> tuple
         return rows, problems, skipped
     sets = run.need_data(*chosen)
     out = run.out / f"bench_pipeline_{backend}.json"
-    code = ("from ccl.train.bench.pipeline import bench_pipeline; "
+    code = ("from ccl.bench.pipeline import bench_pipeline; "
             f"bench_pipeline(data={[str(sets[n]) for n in chosen]!r}, backends=({backend!r},), batch_size={batch}, "
             f"num_workers={workers}, steps={cfg['pipeline_steps']}, warmup={min(5, cfg['pipeline_steps'])}, "
             f"rounds={cfg['pipeline_rounds']}, device={device!r}, json_path={str(out)!r})")

@@ -1,4 +1,5 @@
-"""The `ccl` command: train, eval, table and bench. Thin: each command builds a config and calls one function."""
+"""`ccl train`, `ccl recipes` and `ccl eval`. Thin: each command builds a config and calls one function; `ccl.cli`
+assembles them with the other commands."""
 
 from __future__ import annotations
 
@@ -10,38 +11,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ccl.errors import UserError
+from ccl.errors import Interrupted
 from ccl.model import ARCHS
 from ccl.train.config import SECTIONS, TrainConfig, apply_overrides, load_config_file
 from ccl.train.methods import METHODS
 
-app = typer.Typer(help="ccl: train with noisy labels (CCL, TCL, RoLR, CE) from WebDataset shards.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-bench_app = typer.Typer(help="Throughput benchmarks, each measured side by side in one run.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
 console = Console()
 
 _D = TrainConfig()  # the defaults shown in the help text
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    # One line on stderr, never wrapped: scripts grep it, people read it.
-    typer.echo(f"error: {msg}", err=True)
-    raise typer.Exit(code)
-
-
-def _run(fn, *args, **kwargs):
-    """Call into the library; a user's mistake ends in one line, never a traceback. A bug of ours keeps its own."""
-    from ccl.train.loop import NonFiniteLoss
-
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        _fail(str(e))
-    except NonFiniteLoss as e:
-        _fail(str(e), code=1)
-    except KeyboardInterrupt:
-        _fail("interrupted; the last completed epoch's checkpoint is kept (continue with --resume)", code=130)
 
 
 def _section_help() -> str:
@@ -58,8 +35,7 @@ def _fmt_default(v) -> str:
     return str(v).lower() if isinstance(v, bool) or v is None else str(v)
 
 
-@app.command()
-def train(
+def train_cmd(
     ctx: typer.Context,
     data: Optional[Path] = typer.Option(None, help="Shard directory from tools/shard.py. Default: the built-in "
                                         "digits set with --noise/--noise-rate, built into ~/.cache/ccl on first use.",
@@ -145,22 +121,24 @@ def train(
     if recipe is not None:
         from ccl.train import recipes
 
-        values = _merge(_run(recipes.load, recipe)["config"], {"recipe": recipe})
+        values = _merge(recipes.load(recipe)["config"], {"recipe": recipe})
     if config:
-        values = _merge(values, _run(load_config_file, config))
-    values = _run(apply_overrides, _merge(values, explicit), list(set_ or []))
+        values = _merge(values, load_config_file(config))
+    values = apply_overrides(_merge(values, explicit), list(set_ or []))
     if ablate is not None:
         values.setdefault("ccl", {})["ablations"] = ablate
     if resume:
         from ccl.train.loop import saved_config
 
-        base = _run(saved_config, _run(TrainConfig.from_dict, values))
+        base = saved_config(TrainConfig.from_dict(values))
         values = _merge(base, values)
-    cfg = _run(TrainConfig.from_dict, values)
+    cfg = TrainConfig.from_dict(values)
     from ccl.train.loop import train as run_train
 
-    summary = _run(run_train, cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes,
-                   progress=not quiet)
+    try:
+        summary = run_train(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes, progress=not quiet)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; the last completed epoch's checkpoint is kept (continue with --resume)") from None
     _print_summary(summary)
 
 
@@ -190,7 +168,6 @@ def _print_summary(summary: dict) -> None:
     console.print(t)
 
 
-@app.command("recipes")
 def recipes_cmd():
     """List the recipes `ccl train --recipe NAME` takes: each method's published settings, per dataset."""
     from ccl.train import recipes
@@ -199,12 +176,11 @@ def recipes_cmd():
     for col in ("name", "dataset", "description"):
         t.add_column(col)
     for name in recipes.names():
-        r = _run(recipes.load, name)
+        r = recipes.load(name)
         t.add_row(name, r["dataset"], r["description"])
     console.print(t)
 
 
-@app.command("eval")
 def eval_cmd(
     checkpoint: Path = typer.Option(..., help="A checkpoint (runs/NAME/checkpoints/best.pt or last.pt)."),
     data: Optional[Path] = typer.Option(None, help="Shard directory. \\[default: the one the run trained on]",
@@ -216,7 +192,7 @@ def eval_cmd(
     """Evaluate a checkpoint: top-1/top-5 of each net and of the ensemble."""
     from ccl.train.loop import evaluate_checkpoint
 
-    result = _run(evaluate_checkpoint, checkpoint, data, split, device)
+    result = evaluate_checkpoint(checkpoint, data, split, device)
     t = Table(title=f"{checkpoint} on {split} (epoch {result['epoch']})")
     t.add_column("head")
     t.add_column("top-1", justify="right")
@@ -227,103 +203,11 @@ def eval_cmd(
     if json_out:
         from ccl import files
 
-        _run(files.write_json, json_out, result)
+        files.write_json(json_out, result)
 
 
-@app.command()
-def table(
-    methods: str = typer.Option("ce,rolr,tcl,ccl", help="Comma-separated methods."),
-    noise: str = typer.Option("sym:0.5,pair:0.4", help="Comma-separated TYPE:RATE settings."),
-    seeds: str = typer.Option("0,1", help="Comma-separated seeds (noise and init)."),
-    epochs: int = typer.Option(12, help="Epochs per run."),
-    warmup: int = typer.Option(4, help="Warm-up epochs, the same for every method."),
-    arch: str = typer.Option("resnet_small", help="Architecture for every run."),
-    batch_size: int = typer.Option(64, help="Batch size for every run."),
-    out: Path = typer.Option(Path("runs/table"), help="Directory for the runs, table.md and table.json."),
-    data: Optional[Path] = typer.Option(None, help="A shard directory with its own labels: one column, named "
-                                        "after the directory, instead of the built-in digits under --noise (then "
-                                        "--noise is ignored)."),
-    extra: Optional[Path] = typer.Option(None, help="JSON file of further TrainConfig options for every run."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE or SECTION.KEY=VALUE for every run "
-                                             "(repeatable).", show_default=False),
-    grid: Optional[list[str]] = typer.Option(None, "--grid", help="KEY=V1,V2,... (repeatable): train the product of "
-                                             "the grids; a method section's key applies to that method alone, e.g. "
-                                             "--grid ccl.sharpen_t=none,0.5 --grid schedule=joint,alternate.",
-                                             show_default=False),
-    val_fraction: float = typer.Option(0.0, help="Held-out fraction of the noisy training set (ranks the grid's "
-                                       "cells; never the test split)."),
-    patience: int = typer.Option(0, help="Stop a run when its held-out accuracy has not improved for this many "
-                                 "epochs (needs --val-fraction); 0: every run takes --epochs."),
-):
-    """Run a methods x grid x noise x seeds table and write table.md and table.json (resumes a partly finished
-    one: finished runs are read back, a killed one continues)."""
-    from ccl.train.table import run_table
-
-    base = _run(load_config_file, extra) if extra else {}
-    base = _run(apply_overrides, base, list(set_ or []))
-    seed_list = [s.strip() for s in seeds.split(",") if s.strip()]
-    if not seed_list or not all(s.lstrip("-").isdigit() for s in seed_list):
-        _fail(f"--seeds takes comma-separated whole numbers, e.g. 0,1,2; got {seeds!r}")
-    base = {"batch_size": batch_size, "val_fraction": val_fraction, "patience": patience, **base}
-    _run(run_table, methods=methods.split(","), noise=noise.split(","), seeds=[int(s) for s in seed_list],
-         epochs=epochs, warmup=warmup, arch=arch, out=out, data=data, base=base, grid=list(grid or []),
-         console=console)
-
-
-@bench_app.command("pipeline")
-def bench_pipeline_cmd(
-    backend: list[str] = typer.Option(["reference", "torch", "dali"], help="Backends to compare (repeatable)."),
-    batch_size: int = typer.Option(256, help="Batch size."),
-    workers: int = typer.Option(2, help="Loader workers for every backend."),
-    steps: int = typer.Option(20, help="Batches measured per backend and size."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
-):
-    """Images/s to make (weak, strong, mixup) batches ready for the model, per backend, at 32 and 64 px."""
-    from ccl.train.bench.pipeline import bench_pipeline
-
-    _run(bench_pipeline, backends=tuple(backend), batch_size=batch_size, num_workers=workers, steps=steps,
-         json_path=json_out)
-
-
-@bench_app.command("kernel")
-def bench_kernel_cmd(
-    n: list[int] = typer.Option([128, 512, 2048, 8192], help="Batch sizes N (repeatable)."),
-    d: int = typer.Option(128, help="Embedding dimension D."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
-):
-    """Forward+backward time and peak memory of the contrastive kernel implementations, side by side."""
-    from ccl.train.bench.kernel import bench_kernel
-
-    _run(bench_kernel, ns=tuple(n), d=d, json_path=json_out)
-
-
-@bench_app.command("train")
-def bench_train_cmd(
-    epochs: int = typer.Option(2, help="Epochs per variant (the first one past warm-up is timed)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
-):
-    """Epoch time of CCL on the built-in digits set: full vs inline confidence, alternate vs joint schedule."""
-    from ccl.train.bench.train import bench_train
-
-    _run(bench_train, epochs=epochs, json_path=json_out, console=console)
-
-
-# Commands that live beside their engines, each added by its module's register(app).
-from ccl.pipeline.check import register as _register_check  # noqa: E402
-from ccl.pipeline.views import register as _register_views  # noqa: E402
-from ccl.train.analyze.cli import register as _register_analyze  # noqa: E402
-from ccl.train.bench.scale import register as _register_bench_scale  # noqa: E402
-from ccl.train.labels import register as _register_labels  # noqa: E402
-from ccl.train.predict import register as _register_predict  # noqa: E402
-from ccl.train.runs import register as _register_runs  # noqa: E402
-
-for _register in (_register_views, _register_check, _register_analyze, _register_labels, _register_runs,
-                  _register_predict):
-    _register(app)
-_register_bench_scale(bench_app)
-
-__all__ = ["app"]
-
-
-if __name__ == "__main__":  # `python -m ccl.train.cli`, as the tests run it
-    app()
+def register(app: typer.Typer) -> None:
+    """Add `ccl train`, `ccl recipes` and `ccl eval` to the app (`ccl.cli` calls this once)."""
+    app.command("train")(train_cmd)
+    app.command("recipes")(recipes_cmd)
+    app.command("eval")(eval_cmd)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ccl.errors import UserError
+from ccl.errors import Stop, UserError
 from ccl.model import ARCHS, auto_arch, eval_mode, memory_format
 from ccl.pipeline.augment import Augment
 from ccl.pipeline.batch import Batch
@@ -45,8 +45,8 @@ FREE_ON_RESUME = ("epochs", "patience", "workers", "out", "name", "eval_every", 
                   "strict", "dist_backend", "logger")
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite: the run stops; the last good checkpoint stays as it was."""
+class NonFiniteLoss(Stop):
+    """The loss became NaN or infinite: the run stops (exit 1); the last good checkpoint stays as it was."""
 
 
 def resolve_data(cfg: TrainConfig) -> Path:
@@ -418,7 +418,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
 
     tracker = None
     if cfg.track_every:  # ccl analyze's measures during training, on a fixed test subset
-        from ccl.train.analyze import TrackSet
+        from ccl.train.track import TrackSet
 
         tracker = TrackSet.from_shards(run.shards, "test", size=cfg.track_samples, seed=cfg.seed, device=device)
 
@@ -464,7 +464,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
                 if val_loader is not None:
                     record |= {f"val_{k}": v for k, v in evaluate(run, val_loader, ctx, noisy=True).items()}
             if tracker is not None and (epoch + 1) % cfg.track_every == 0:
-                from ccl.train.analyze import track
+                from ccl.train.track import track
 
                 with ctx:
                     record |= track(method.nets, tracker.batches(run.aug.eval_view), seed=cfg.seed)

@@ -1,7 +1,7 @@
 """`ccl analyze`: measure semantic contamination in finished runs and write analysis.json and report.html.
 
 For each run directory: rebuild the run from its checkpoint, pass the chosen split through every network once
-(logits and embeddings), compute the measures of `ccl.train.analyze.metrics`, draw the figures, and render one
+(logits and embeddings), compute the measures of `ccl.contamination`, draw the figures, and render one
 self-contained page with the runs side by side (images embedded as data URIs: the page needs no network).
 """
 
@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from ccl.errors import UserError
-from ccl.train.analyze import metrics as M
-from ccl.train.analyze import plots
-from ccl.train.analyze.collect import SPACES, forward_arrays
-from ccl.train.analyze.taxonomy import Taxonomy, resolve_taxonomies
+from ccl import contamination as M
+from ccl.analysis.contamination import plots
+from ccl.train.track import SPACES, forward_arrays
+from ccl.analysis.contamination.taxonomy import Taxonomy, resolve_taxonomies
 
 TEMPLATE = Path(__file__).parent / "report.html.j2"
 CHECKPOINTS = ("last", "best")
@@ -30,7 +30,7 @@ CHECKPOINTS = ("last", "best")
 class Settings:
     split: str = "test"
     checkpoint: str = "last"  # checkpoints/last.pt or best.pt
-    embedding: str = "backbone"  # see ccl.train.analyze.collect
+    embedding: str = "backbone"  # see ccl.train.track
     pairs: int = 10000  # random pairs for M_embed
     anchors: int = 5  # anchors per class for the similarity probe
     tsne_points: int = 2000  # t-SNE is O(N^2) in memory: a seeded subsample past this

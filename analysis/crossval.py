@@ -58,7 +58,7 @@ def write_subset(src: ShardSet, split: str, parts: dict[str, np.ndarray], out_di
                  shard_size: int = 5000) -> ShardSet:
     """A shard set in `out_dir` whose splits are the given index subsets of `src`'s `split` (new indices 0..n-1 in
     the order given), with the given labels and no clean labels. Returns it opened."""
-    from ccl.train.labels import sample_locations
+    from ccl.pipeline.shards import sample_locations
 
     loc = sample_locations(src, split)
     label, _ = src.labels(split)
@@ -116,7 +116,7 @@ def _cv_config(run, data: Path, out: Path, name: str, epochs: int | None, batch_
 @torch.no_grad()
 def predict_probs(run, split: str, *, batch_size: int = 256, workers: int = 0) -> np.ndarray:
     """Softmax of the summed logits of the run's nets, float32 [N, C], over a split in index order."""
-    from ccl.train.labels import iter_logits
+    from ccl.analysis.inference import iter_logits
 
     n = run.shards.count(split)
     out = np.zeros((n, run.shards.num_classes), dtype=np.float32)

@@ -65,7 +65,7 @@ def collect(inputs: list[Path], split: str) -> tuple[list[Item], dict]:
     """The items of every input, in order: a file as it is, a folder's image files (recursively, sorted), a shard
     set's split (a folder with a manifest.json). Returns (items, {shard set root: its sample locations})."""
     from ccl.pipeline.shards import MANIFEST, ShardSet
-    from ccl.train.labels import sample_locations
+    from ccl.pipeline.shards import sample_locations
 
     items: list[Item] = []
     sets: dict = {}
@@ -249,7 +249,7 @@ def export(run_path: Path, out: Path, *, net: int | None = None, device: str = "
     the sidecar."""
     from safetensors.torch import save_file
 
-    from ccl.train.labels import resolve_checkpoint
+    from ccl.analysis.inference import resolve_checkpoint
     from ccl.train.loop import restore
 
     out = Path(out)
@@ -285,13 +285,6 @@ def export(run_path: Path, out: Path, *, net: int | None = None, device: str = "
 # The commands
 
 
-def _fail(e: UserError) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
-
-
 def predict_cmd(
     images: list[Path] = typer.Argument(..., help="Image files, folders of them (searched recursively), or a shard "
                                         "set (its --split).", show_default=False),
@@ -311,12 +304,9 @@ def predict_cmd(
     and the top-k; images that do not decode are skipped and listed."""
     from rich.console import Console
 
-    try:
-        result = predict(checkpoint, images, net=net, top_k=top_k, split=split, batch_size=batch_size,
-                         device=device, data=data, progress=not quiet)
-        write_csv(result, out)
-    except UserError as e:
-        _fail(e)
+    result = predict(checkpoint, images, net=net, top_k=top_k, split=split, batch_size=batch_size, device=device,
+                     data=data, progress=not quiet)
+    write_csv(result, out)
     console = Console()
     n, skipped = len(result["rows"]), result["skipped"]
     line = f"{n} images -> {out} ({result['head']}, epoch {result['epoch']})"
@@ -341,10 +331,7 @@ def export_cmd(
 ):
     """Export a run's networks as safetensors with a JSON sidecar; the README shows the five lines that rebuild
     them."""
-    try:
-        meta = export(run, out, net=net, data=data)
-    except UserError as e:
-        _fail(e)
+    meta = export(run, out, net=net, data=data)
     typer.echo(f"{', '.join(meta['nets'])} ({meta['kwargs']['arch']}, {len(meta['classes'])} classes) -> {out}, "
                f"{Path(out).with_suffix('.json')}")
 

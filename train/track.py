@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ccl.model import eval_mode
-from ccl.train.analyze import metrics as M
+from ccl import contamination as M
 
 SPACES = ("backbone", "head")
 

@@ -531,5 +531,5 @@ def default_sets(cache_dir) -> list[Path]:
     return [synthetic_set(cache_dir, "cifar", train=10000), synthetic_set(cache_dir, "animal", train=5000)]
 
 
-if __name__ == "__main__":  # python -m ccl.train.bench.pipeline [SHARDS...]: a quick look without the CLI
+if __name__ == "__main__":  # python -m ccl.bench.pipeline [SHARDS...]: a quick look without the CLI
     bench_pipeline(sys.argv[1:] or None)

@@ -19,12 +19,15 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional  # the command's annotations are evaluated in this module
+
+import typer
 
 from rich.console import Console
 from rich.progress import Progress
 
 from ccl.errors import UserError
-from ccl.train.config import SECTIONS, TrainConfig, apply_overrides
+from ccl.train.config import SECTIONS, TrainConfig, apply_overrides, load_config_file
 from ccl.train.loop import FREE_ON_RESUME, config_changes, train
 from ccl.train.metrics import MetricsLog
 
@@ -245,3 +248,49 @@ def markdown(table: dict, columns: list[Column]) -> str:
             parts.append(f"| {c['method']} | {c['reading']} | "
                          + " | ".join(_fmt(c[key], d) for key, _, d in FIGURES) + " |\n")
     return "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def table_cmd(
+    methods: str = typer.Option("ce,rolr,tcl,ccl", help="Comma-separated methods."),
+    noise: str = typer.Option("sym:0.5,pair:0.4", help="Comma-separated TYPE:RATE settings."),
+    seeds: str = typer.Option("0,1", help="Comma-separated seeds (noise and init)."),
+    epochs: int = typer.Option(12, help="Epochs per run."),
+    warmup: int = typer.Option(4, help="Warm-up epochs, the same for every method."),
+    arch: str = typer.Option("resnet_small", help="Architecture for every run."),
+    batch_size: int = typer.Option(64, help="Batch size for every run."),
+    out: Path = typer.Option(Path("runs/table"), help="Directory for the runs, table.md and table.json."),
+    data: Optional[Path] = typer.Option(None, help="A shard directory with its own labels: one column, named "
+                                        "after the directory, instead of the built-in digits under --noise (then "
+                                        "--noise is ignored)."),
+    extra: Optional[Path] = typer.Option(None, help="JSON file of further TrainConfig options for every run."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="KEY=VALUE or SECTION.KEY=VALUE for every run "
+                                             "(repeatable).", show_default=False),
+    grid: Optional[list[str]] = typer.Option(None, "--grid", help="KEY=V1,V2,... (repeatable): train the product of "
+                                             "the grids; a method section's key applies to that method alone, e.g. "
+                                             "--grid ccl.sharpen_t=none,0.5 --grid schedule=joint,alternate.",
+                                             show_default=False),
+    val_fraction: float = typer.Option(0.0, help="Held-out fraction of the noisy training set (ranks the grid's "
+                                       "cells; never the test split)."),
+    patience: int = typer.Option(0, help="Stop a run when its held-out accuracy has not improved for this many "
+                                 "epochs (needs --val-fraction); 0: every run takes --epochs."),
+):
+    """Run a methods x grid x noise x seeds table and write table.md and table.json (resumes a partly finished
+    one: finished runs are read back, a killed one continues)."""
+    base = load_config_file(extra) if extra else {}
+    base = apply_overrides(base, list(set_ or []))
+    seed_list = [s.strip() for s in seeds.split(",") if s.strip()]
+    if not seed_list or not all(s.lstrip("-").isdigit() for s in seed_list):
+        raise UserError(f"--seeds takes comma-separated whole numbers, e.g. 0,1,2; got {seeds!r}")
+    base = {"batch_size": batch_size, "val_fraction": val_fraction, "patience": patience, **base}
+    run_table(methods=methods.split(","), noise=noise.split(","), seeds=[int(s) for s in seed_list],
+         epochs=epochs, warmup=warmup, arch=arch, out=out, data=data, base=base, grid=list(grid or []),
+         console=Console())
+
+
+def register(app: typer.Typer) -> None:
+    """Add `ccl table` to the app (`ccl.cli` calls this once)."""
+    app.command("table")(table_cmd)

@@ -26,7 +26,7 @@ the fraction of flagged labels that are wrong, recall the fraction of wrong labe
 scores the ranking.
 
 `--compare-cleanlab` runs cleanlab (confident learning) on out-of-sample probabilities from k-fold
-cross-validation with the project's own trainer (`ccl.train.crossval`), and reports both methods side by side.
+cross-validation with the project's own trainer (`ccl.analysis.crossval`), and reports both methods side by side.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -46,69 +46,12 @@ import torch
 import torch.nn.functional as F
 import typer
 
-from ccl.errors import UserError
-from ccl.pipeline.shards import IMAGE_EXTS, ShardSet
+from ccl.errors import Interrupted, UserError
+from ccl.analysis.inference import iter_logits, resolve_checkpoint
+from ccl.pipeline.shards import SampleLocations, sample_locations
 
 GMM_DECISION = 0.5  # w below this: the GMM's clean component is the less likely one
 GRID_DEFAULT = 64  # suspects on the contact sheet when --top is not given
-
-# ----------------------------------------------------------------------------------------------------------------
-# Where each sample lives in the shards (its key, and its image bytes for the contact sheet and the folds)
-
-
-@dataclass(frozen=True)
-class SampleLocations:
-    """Per sample of one split, in index order: the shard it is in, its key, and its image's bytes' location."""
-
-    tars: list[Path]
-    shard: np.ndarray  # int32 [N]
-    offset: np.ndarray  # int64 [N]
-    size: np.ndarray  # int64 [N]
-    ext: list[str]  # "jpg" or "png", [N]
-    key: list[str]  # the sample's key in the tar (everything before the first dot of its members' names), [N]
-
-    def read(self, i: int) -> bytes:
-        with open(self.tars[int(self.shard[i])], "rb") as f:
-            return os.pread(f.fileno(), int(self.size[i]), int(self.offset[i]))
-
-
-def sample_locations(shards: ShardSet, split: str) -> SampleLocations:
-    """Read the DALI index files of a split (lines of `component offset size member-name` quadruples)."""
-    tars = shards.shards(split)
-    n = shards.count(split)
-    shard = np.empty(n, np.int32)
-    offset = np.empty(n, np.int64)
-    size = np.empty(n, np.int64)
-    ext: list[str] = []
-    key: list[str] = []
-    pos = 0
-    for s, idx in enumerate(shards.index_files(split)):
-        if not idx.is_file():
-            raise UserError(f"{idx}: missing (every shard has a DALI index next to it; reconvert with tools/shard.py)")
-        with open(idx) as f:
-            f.readline()  # "v1.2 COUNT"
-            for line in f:
-                parts = line.split()
-                try:
-                    comps = {parts[i]: (int(parts[i + 1]), int(parts[i + 2]), parts[i + 3])
-                             for i in range(0, len(parts), 4)}
-                except (ValueError, IndexError):
-                    raise UserError(f"{idx}: line {pos + 2} is not a webdataset index entry") from None
-                image = next((e for e in IMAGE_EXTS if e in comps), None)
-                if image is None:
-                    raise UserError(f"{idx}: sample {pos} has no {' or '.join(IMAGE_EXTS)} component")
-                if pos >= n:
-                    raise UserError(f"split {split!r}: the shards hold more samples than the manifest's {n}")
-                off, sz, name = comps[image]
-                base = name.rsplit("/", 1)[-1]
-                shard[pos], offset[pos], size[pos] = s, off, sz
-                ext.append(image)
-                key.append(name[: len(name) - len(base)] + base.split(".", 1)[0])
-                pos += 1
-    if pos != n:
-        raise UserError(f"split {split!r}: the shards hold {pos} samples, the manifest says {n}")
-    return SampleLocations(list(tars), shard, offset, size, ext, key)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Predictions: one pass over a split, kept as per-sample summaries (never the [N, C] matrix, which for WebVision
@@ -135,24 +78,6 @@ def summarize_probs(logp: torch.Tensor, labels: torch.Tensor) -> dict[str, torch
     others = p.scatter(1, labels[:, None], -1.0)  # the given class can never be the alternative
     p_alt, alt = others.max(1)
     return {"pred": pred, "prob": prob, "p_given": lp_given.exp(), "ce": -lp_given, "alt": alt, "p_alt": p_alt}
-
-
-def iter_logits(run, split: str, *, batch_size: int = 256, workers: int = 0) -> Iterator[tuple]:
-    """(index [B], label [B], logits [K, B, C]) per batch of a split, in index order, on the eval view."""
-    from ccl.pipeline.loader import make_loader
-
-    loader = make_loader(run.shards, split, batch_size=batch_size, train=False, device=run.device,
-                         num_workers=workers)
-    view = getattr(run.aug, "eval_view", None) or run.aug.eval
-    nets = run.method.nets
-    nets.eval()
-    cuda = run.device.type == "cuda"
-    with torch.no_grad():
-        for batch in loader:
-            x = view(batch.images)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=cuda):
-                logits = torch.stack([net(x)[0].float() for net in nets])  # [K, B, C]
-            yield batch.index, batch.label, logits.float()
 
 
 def predict(run, split: str, *, batch_size: int = 256, workers: int = 0) -> tuple[list[HeadSummary], HeadSummary]:
@@ -453,19 +378,6 @@ def contact_sheet(table: LabelTable, locations: SampleLocations, path: Path, cou
 # The engine
 
 
-def resolve_checkpoint(run: Path) -> Path:
-    """RUN (a run directory: its checkpoints/last.pt) or a checkpoint file."""
-    run = Path(run)
-    if run.is_file():
-        return run
-    if not run.exists():
-        raise UserError(f"run not found: {run} (expected a run directory such as runs/NAME, or a checkpoint file)")
-    ck = run / "checkpoints" / "last.pt"
-    if not ck.is_file():
-        raise UserError(f"{run} has no checkpoints/last.pt: not a run directory, or its first epoch never finished")
-    return ck
-
-
 def run_train_seconds(run_dir: Path) -> float | None:
     """Training time the run logged (the sum of its epochs' training and confidence-estimation time)."""
     path = run_dir / "metrics.jsonl"
@@ -550,7 +462,7 @@ def compare_cleanlab(run, split: str, table: LabelTable, given: np.ndarray, clea
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
-    from ccl.train.crossval import out_of_sample_probs
+    from ccl.analysis.crossval import out_of_sample_probs
 
     t0 = time.perf_counter()
     probs, cv = out_of_sample_probs(run, split, folds=folds, epochs=epochs, batch_size=batch_size, workers=workers,
@@ -741,20 +653,16 @@ def labels_cmd(
     from rich.console import Console
 
     err = Console(stderr=True)
+    if top is not None and top < 1:
+        raise UserError(f"--top must be at least 1, got {top}")
     try:
-        if top is not None and top < 1:
-            raise UserError(f"--top must be at least 1, got {top}")
         result = labels_report(run, split, out=out, w_from=w_from, rate=rate,
                                grid=(top or GRID_DEFAULT) if grid else None,
                                cleanlab=compare_cleanlab, folds=folds, cv_epochs=cv_epochs, data=data,
                                device=device, batch_size=batch_size, workers=workers,
                                log=lambda s: err.print(s, highlight=False, soft_wrap=True))
-    except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line, however long
-        raise typer.Exit(2)
     except KeyboardInterrupt:
-        err.print("[bold red]error:[/] interrupted; nothing was written", highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+        raise Interrupted("interrupted; nothing was written") from None
     console = Console()
     print_report(result, rate, console)
     if top:

@@ -158,7 +158,7 @@ def bench_scale(ns: tuple[int, ...], shard_size: int, root: Path | None, keep: b
             data = write_synthetic(root / f"n{n}-s{shard_size}", n, shard_size)
             made = time.perf_counter() - t0
             # A fresh interpreter per N: its peak RSS is this N's alone.
-            code = ("import json, sys, pathlib; from ccl.train.bench.scale import measure; "
+            code = ("import json, sys, pathlib; from ccl.bench.scale import measure; "
                     "print(json.dumps(measure(pathlib.Path(sys.argv[1]))))")
             out = subprocess.run([sys.executable, "-c", code, str(data)], capture_output=True, text=True,
                                  timeout=1800, check=False)
@@ -204,7 +204,7 @@ def _per_sample(r: dict) -> float:
 
 
 def register(bench_app) -> None:
-    """Add `scale` to `ccl bench` (train/cli.py calls this)."""
+    """Add `scale` to `ccl bench` (`ccl.bench.cli` calls this)."""
     import typer
 
     @bench_app.command("scale")
@@ -219,8 +219,7 @@ def register(bench_app) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
     ):
         """Loader start-up, GMM fit time and per-sample memory at WebVision size, on a synthetic set."""
-        from ccl.train.cli import _run
         from rich.console import Console
 
-        _run(bench_scale, ns=tuple(n), shard_size=shard_size, root=root, keep=keep, json_path=json_out,
+        bench_scale(ns=tuple(n), shard_size=shard_size, root=root, keep=keep, json_path=json_out,
              console=Console())

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ccl.errors import UserError
+from ccl.errors import Interrupted
 
 console = Console(stderr=True)
 
@@ -41,7 +41,7 @@ def analyze_cmd(
 ):
     """Measure semantic contamination (the CCL paper's Eq. 4, Fig. 2b, Fig. 3, Tables 6 and 8) in trained runs and
     write analysis.json and a self-contained report.html with the runs side by side."""
-    from ccl.train.analyze.report import Settings, analyze
+    from ccl.analysis.contamination.report import Settings, analyze
 
     target = out or (runs[0] / "plots" if len(runs) == 1 else Path("analysis"))
     settings = Settings(split=split, checkpoint=checkpoint, embedding=embedding, pairs=pairs, anchors=anchors,
@@ -49,12 +49,8 @@ def analyze_cmd(
                         data=str(data) if data else None)
     try:
         analyze(runs, target, settings, progress=not quiet, console=console)
-    except UserError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)  # one line, however long
-        raise typer.Exit(2)
     except KeyboardInterrupt:
-        console.print("[bold red]error:[/] interrupted; nothing was written", highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+        raise Interrupted("interrupted; nothing was written") from None
     Console().print(f"wrote {target / 'analysis.json'} and {target / 'report.html'}")
 
 

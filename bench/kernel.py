@@ -155,7 +155,7 @@ def _peak_extra_bytes(impl, n, d, tau, device) -> float | None:
         torch.cuda.synchronize(device)
         return float(torch.cuda.max_memory_allocated(device) - base)
     spec = json.dumps({"impl": impl, "n": n, "d": d, "tau": tau})
-    code = f"from ccl.train.bench.kernel import _memory_child; _memory_child({spec!r})"
+    code = f"from ccl.bench.kernel import _memory_child; _memory_child({spec!r})"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:  # e.g. killed for lack of memory: report no number rather than a wrong one
         print(f"memory measurement of {impl} at N={n} failed: {out.stderr.strip()[-300:]}", file=sys.stderr)

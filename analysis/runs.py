@@ -282,23 +282,18 @@ def runs_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    err = Console(stderr=True)
-    try:
-        dirs = list(dirs or [Path("runs")])
-        if last is not None and last < 1:
-            raise UserError(f"--last must be at least 1, got {last}")
-        keys = parse_group_by(group_by)
-        found = find_runs(dirs)
-        if last is not None:
-            found = found[-last:]
-        if not found:
-            raise UserError(f"no runs under {', '.join(map(str, dirs))} (a run directory holds config.json and "
-                            "metrics.jsonl)")
-        rows = summarise(found, keys, metric)
-        md, js = write(rows, out or (dirs[0] / "runs.md"), metric, keys)
-    except UserError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2)
+    dirs = list(dirs or [Path("runs")])
+    if last is not None and last < 1:
+        raise UserError(f"--last must be at least 1, got {last}")
+    keys = parse_group_by(group_by)
+    found = find_runs(dirs)
+    if last is not None:
+        found = found[-last:]
+    if not found:
+        raise UserError(f"no runs under {', '.join(map(str, dirs))} (a run directory holds config.json and "
+                        "metrics.jsonl)")
+    rows = summarise(found, keys, metric)
+    md, js = write(rows, out or (dirs[0] / "runs.md"), metric, keys)
     header, body = cells(rows, metric, keys)
     t = Table(title=f"{len(found)} runs, {len(rows)} groups (mean ± std over runs)")
     for c in header:
