@@ -36,10 +36,28 @@ def _fabricate(root, dataset: str):
 def test_every_recipe_loads_and_cites_every_value():
     names = recipes.names()
     assert {"ccl-cifar10", "ccl-cifar100", "ccl-animal10n", "ccl-webvision"} <= set(names)
+    assert {"rolr-cifar10", "rolr-cifar100", "dividemix-cifar10", "dividemix-cifar100", "tcl-cifar10", "tcl-cifar100",
+            "tcl-cifar100-90", "tcl-webvision"} <= set(names)
     for name in names:
         r = recipes.load(name)
         assert r["description"] and r["dataset"] in (*LAYOUTS, "any")
         assert TrainConfig.from_dict(r["config"]).method in name
+
+
+def test_tcl_cifar100_sets_the_90_percent_options_only_in_its_90_percent_recipe():
+    """Hzzone/TCL sets sep_gmm and scale2 in cifar100_90_prer18.yml alone (l.29-30): tcl-cifar100 keeps the code's
+    defaults for them (tcl.py l.48: off; l.52: unset, so the estimated clean fraction), as TCLConfig's own defaults
+    are; tcl-cifar100-90 sets them. Every other value is the same."""
+    base, ninety = (recipes.load(n)["config"] for n in ("tcl-cifar100", "tcl-cifar100-90"))
+    defaults = TrainConfig().tcl
+    assert (base["tcl"]["sep_gmm"], base["tcl"]["scale2"]) == (defaults.sep_gmm, defaults.scale2) == (False, None)
+    assert (ninety["tcl"]["sep_gmm"], ninety["tcl"]["scale2"]) == (True, 1.0)
+
+    def rest(config):
+        return {**config, "tcl": {k: v for k, v in config["tcl"].items() if k not in ("sep_gmm", "scale2")}}
+
+    assert rest(base) == rest(ninety)
+    assert recipes.load("tcl-cifar100-90")["dataset"] == recipes.load("tcl-cifar100")["dataset"] == "cifar100"
 
 
 @pytest.mark.timeout(900)
