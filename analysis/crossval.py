@@ -29,8 +29,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ccl import files
 from ccl.errors import UserError
-from ccl.pipeline.shards import MANIFEST, ShardSet, ShardWriter, write_json_atomic
+from ccl.pipeline.manifest import MANIFEST
+from ccl.pipeline.shards import ShardSet
+from ccl.pipeline.tarshard import ShardWriter
 
 
 def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
@@ -90,7 +93,7 @@ def write_subset(src: ShardSet, split: str, parts: dict[str, np.ndarray], out_di
     manifest = {k: v for k, v in src.manifest.items() if k not in ("noise", "skipped", "num_skipped", "created")}
     manifest |= {"splits": splits, "noise": {"type": "withheld"}, "skipped": [], "num_skipped": 0,
                  "notes": [f"a cross-validation subset of split {split!r} of {src.root.name}"]}
-    write_json_atomic(out_dir / MANIFEST, manifest)
+    files.write_json(out_dir / MANIFEST, manifest, indent=1)
     return ShardSet.open(out_dir)
 
 

@@ -3,12 +3,16 @@ safetensors, with a JSON sidecar to rebuild the network anywhere ccl is installe
 
 Both rebuild the run with `ccl.train.loop.restore` (the checkpoint's config, the training set's manifest for the
 classes and the normalisation), so a prediction sees exactly what `ccl eval` scores: the same decoder and resize
-as the loader (`ccl.pipeline.loader.decode_to`), the eval view, the precision the run trained in, and the
+as the loader (`ccl.pipeline.decode.decode_to`), the eval view, the precision the run trained in, and the
 ensemble as the softmax of the nets' summed logits (or one net's, with `--net K`).
 
 The exported file holds each net's state_dict under `net0.`, `net1.` ...; the sidecar (same name, .json) names
 the class and its arguments, the class names, the input size and the normalisation. `SNIPPET` rebuilds the
-networks from the two files (the README shows it; a test runs it).
+networks from the two files with ccl installed. For the torchvision ResNets (`resnet18`, `resnet50` with ccl's
+linear classifier: every method but TCL), the sidecar's `torchvision` entry maps each torchvision key to its
+exported tensor, and `TORCHVISION_SNIPPET` rebuilds plain `torchvision.models` ResNets without ccl (the CIFAR stem,
+a 3x3/1 first conv and no max-pool, for small inputs; the projection head left out). The README shows both; tests
+run both.
 """
 
 from __future__ import annotations
@@ -42,6 +46,17 @@ nets = [Model(**meta["kwargs"]).eval() for _ in meta["nets"]]
 for name, net in zip(meta["nets"], nets): net.load_state_dict({k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")})
 """
 
+# Rebuilds them as plain torchvision ResNets, without ccl (resnet18 and resnet50; the sidecar's "torchvision" entry
+# is null for the other networks). net(x) is the classifier's logits.
+TORCHVISION_SNIPPET = """\
+import json, torch, torchvision; from safetensors.torch import load_file
+meta, weights = json.load(open("model.json")), load_file("model.safetensors"); tv = meta["torchvision"]
+nets = [getattr(torchvision.models, tv["model"])(num_classes=len(meta["classes"])) for _ in tv["keys"]]
+for net in (nets if tv["cifar_stem"] else []): net.conv1, net.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
+for net, keys in zip(nets, tv["keys"]): net.load_state_dict({k: weights[name] for k, name in keys.items()}); net.eval()
+"""
+TORCHVISION_ARCHS = ("resnet18", "resnet50")  # ccl.model.resnet._backbone: torchvision's, with fc = Identity
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs: image files, folders of them, or a shard set's split
@@ -64,7 +79,8 @@ class Item:
 def collect(inputs: list[Path], split: str) -> tuple[list[Item], dict]:
     """The items of every input, in order: a file as it is, a folder's image files (recursively, sorted), a shard
     set's split (a folder with a manifest.json). Returns (items, {shard set root: its sample locations})."""
-    from ccl.pipeline.shards import MANIFEST, ShardSet
+    from ccl.pipeline.manifest import MANIFEST
+    from ccl.pipeline.shards import ShardSet
     from ccl.pipeline.shards import sample_locations
 
     items: list[Item] = []
@@ -101,7 +117,7 @@ def _pil_decode(data: bytes) -> torch.Tensor:
 
 def decode(data: bytes, hw: tuple[int, int], variable: bool) -> torch.Tensor:
     """uint8 [3, H, W] as the loader decodes it; formats its decoder does not read (BMP, TIFF) through PIL."""
-    from ccl.pipeline.loader import DECODE_ERRORS, decode_to
+    from ccl.pipeline.decode import DECODE_ERRORS, decode_to
 
     with warnings.catch_warnings():
         # torchvision 0.29 warns on every decode call that its decoders are deprecated (as in the loader)
@@ -116,7 +132,7 @@ def batches(items: list[Item], sets: dict, hw, variable: bool, batch_size: int,
             skipped: list) -> Iterator[tuple[list[int], torch.Tensor]]:
     """(positions, uint8 [B, 3, H, W]) batches of the items that decode; the others go to `skipped` as
     (name, reason)."""
-    from ccl.pipeline.loader import DECODE_ERRORS
+    from ccl.pipeline.decode import DECODE_ERRORS
 
     starts = sorted(sets)
     pos, imgs = [], []
@@ -155,7 +171,7 @@ def predict(checkpoint: Path, inputs: list[Path], *, net: int | None = None, top
     """Predict every input image. Returns {"rows": [...], "skipped": [(name, reason)], "classes", "head",
     "accuracy" (against the true labels of a shard set, when known), "epoch"}."""
     from ccl.model import eval_mode
-    from ccl.pipeline.loader import resolve_load_size
+    from ccl.pipeline.decode import resolve_load_size
     from ccl.train.loop import precision, restore
 
     if top_k < 1:
@@ -170,7 +186,11 @@ def predict(checkpoint: Path, inputs: list[Path], *, net: int | None = None, top
     hw, variable = resolve_load_size(run.shards.image_size, None)
     ctx, _ = precision(run.device, run.cfg.amp)
     rows, skipped = [], []
-    bar = _progress(progress, len(items))
+    from rich.console import Console
+
+    from ccl.progress import bar as progress_bar
+
+    bar = progress_bar(progress, console=Console(stderr=True))
     with bar, eval_mode(run.method):
         task = bar.add_task("predict", total=len(items))
         for pos, x in batches(items, sets, hw, variable, batch_size, skipped):
@@ -212,18 +232,6 @@ def write_csv(result: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _progress(enabled: bool, total: int):
-    from ccl.train.loop import _NoProgress
-
-    if not enabled:
-        return _NoProgress()
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), transient=True, console=Console(stderr=True))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Export
 
@@ -242,6 +250,29 @@ def model_spec(run) -> tuple[type, dict]:
     else:
         raise TypeError(f"export does not know how to rebuild {type(net).__name__}")
     return type(net), kwargs
+
+
+def torchvision_spec(run, nets: list[int]) -> dict | None:
+    """The sidecar's `torchvision` entry: the torchvision builder, whether the CIFAR stem replaces its first conv and
+    max-pool, and per exported net {torchvision key: exported key} (backbone.X -> X, classifier -> fc; the
+    projection head has no place in torchvision's ResNet). None for networks torchvision does not build: ccl's own
+    (preact_resnet18, resnet_small, resnet_tiny) and TCL's MLP classifier."""
+    from ccl.model import Net
+
+    if run.cfg.arch not in TORCHVISION_ARCHS or type(run.method.nets[0]) is not Net:
+        return None
+    keys = []
+    for k in nets:
+        mapping = {}
+        for name in run.method.nets[k].state_dict():
+            part, _, rest = name.partition(".")
+            if part == "backbone":
+                mapping[rest] = f"net{k}.{name}"
+            elif part == "classifier":
+                mapping[f"fc.{rest}"] = f"net{k}.{name}"
+        keys.append(mapping)
+    return {"model": run.cfg.arch, "cifar_stem": run.aug.style == "cifar", "keys": keys,
+            "output": "forward(x) -> logits [N, C]"}
 
 
 def export(run_path: Path, out: Path, *, net: int | None = None, device: str = "cpu", data: Path | None = None) -> dict:
@@ -272,6 +303,7 @@ def export(run_path: Path, out: Path, *, net: int | None = None, device: str = "
                   "resize": ("to size x size" if run.aug.style == "cifar" else
                              "short side to size / 0.875, then the centre size x size crop")},
         "output": "forward(x) -> (logits [N, C], unit embedding [N, D])",
+        "torchvision": torchvision_spec(run, nets),
         "source": {"checkpoint": str(ck), "epoch": state["epoch"] + 1, "method": run.cfg.method,
                    "dataset": run.identity["dataset"]},
     }

@@ -5,10 +5,14 @@ A run directory is one with a config.json and a metrics.jsonl (runs/NAME as `ccl
 (`read_run`) takes the figures from summary.json; a run still going (or stopped) has none yet, and its test
 figures are computed from metrics.jsonl the same way (`ccl.train.metrics.summarize`), marked unfinished.
 
-`summarise(sources, group_by, metric)` turns run directories (or records read before) into rows, one per group,
-and `markdown(rows, metric)` into a table. Grouping keys are the record's own columns (method, data, noise, arch,
-epochs, seed) or any config option by name (`lr`, `batch_size`, `ccl.tau`); a column that is not a key shows the
-distinct values of its group.
+`summarise(sources, group_by, metric, figures)` turns run directories (or records read before) into rows, one per
+group, and `markdown(rows, metric)` into a table (`figures=`: other columns, as `ccl table` prints its own). Grouping
+keys are the record's own columns (method, data, noise, arch, epochs, seed) or any config option by name (`lr`,
+`batch_size`, `ccl.tau`); a column that is not a key shows the distinct values of its group.
+
+metrics.jsonl is read through `ccl.train.metrics.MetricsLog`, as training writes and resumes it: a torn last line is
+left out; any other line that is not an epoch record makes the run unreadable (`DamagedLog`), and `read_runs` sets
+such a run aside with its reason instead of stopping the listing.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Optional
 import typer
 
 from ccl.errors import UserError
-from ccl.train.metrics import summarize
+from ccl.train.metrics import DamagedLog, MetricsLog, summarize
 
 DEFAULT_GROUP = "method,data,noise,arch,epochs"
 DEFAULT_METRIC = "test_last10_mean"
@@ -60,20 +64,6 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return d if isinstance(d, dict) else {}
-
-
-def _history(path: Path) -> list[dict]:
-    out = []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a line cut by a kill: the epochs before it still count
-            break
-    return out
 
 
 def _start_key(run_dir: Path) -> tuple[str, float]:
@@ -119,17 +109,22 @@ def _wall_time(run_dir: Path, record: dict, summary: dict) -> float | None:
 def read_run(run_dir: Path) -> dict:
     """One run's record: what it is (method, data, noise, arch, epochs, seed, its config) and what it gave (every
     summary.json figure; for an unfinished run those computed from metrics.jsonl), its training time (the sum of
-    its epochs' training and confidence-estimation time) and wall time."""
+    its epochs' training and confidence-estimation time), wall time, and its per-epoch records (`history`).
+    Raises `DamagedLog` when a line of metrics.jsonl is not an epoch record (a torn last line is left out)."""
     run_dir = Path(run_dir)
     record = _read_json(run_dir / "config.json")
     cfg = record.get("config", {})
-    history = _history(run_dir / "metrics.jsonl")
+    history = MetricsLog(run_dir / "metrics.jsonl").read()
     summary = _read_json(run_dir / "summary.json")
     finished = bool(summary)
-    if not finished:
+    if not finished:  # the figures summary.json will hold, from the epochs so far
         summary = {f"test_{k}": v for k, v in summarize(history).items()}
         if history:
             summary["auroc"] = _auroc(history[-1])
+            summary["epochs_run"] = len(history)
+        val = [r["val_ens_top1"] for r in history if isinstance(r.get("val_ens_top1"), (int, float))]
+        if val:
+            summary["val_best"], summary["val_last10_mean"] = max(val), statistics.fmean(val[-10:])
     if "steps_per_net" not in summary and any("steps_per_net" in r for r in history):
         summary["steps_per_net"] = float(sum(r.get("steps_per_net", 0) for r in history))
     identity = record.get("identity", {})
@@ -143,14 +138,26 @@ def read_run(run_dir: Path) -> dict:
         "wall_time_s": _wall_time(run_dir, record, summary),
         "start_time": record.get("environment", {}).get("start_time"),
         "world_size": record.get("environment", {}).get("world_size"),
-        "summary": summary, "config": cfg, "last": history[-1] if history else {},
+        "summary": summary, "config": cfg, "last": history[-1] if history else {}, "history": history,
     }
+
+
+def read_runs(run_dirs: Iterable[Path]) -> tuple[list[dict], list[tuple[Path, str]]]:
+    """(records of the runs that read, [(run directory, why not)] for those that do not): one damaged run does not
+    stop a listing of many."""
+    records, unreadable = [], []
+    for d in run_dirs:
+        try:
+            records.append(read_run(d))
+        except (DamagedLog, OSError) as e:
+            unreadable.append((Path(d), str(e)))
+    return records, unreadable
 
 
 def value(record: dict, key: str):
     """A record's value by name: its own column, a summary figure, the last epoch's metric, or a config option
     (`ccl.tau` reads the section)."""
-    if key in record and key not in ("summary", "config", "last"):
+    if key in record and key not in ("summary", "config", "last", "history"):
         return record[key]
     for source in (record["summary"], record["last"]):
         if key in source:
@@ -191,11 +198,12 @@ def parse_group_by(text: str) -> list[str]:
     return keys
 
 
-def summarise(sources: Iterable, group_by: list[str] | str = DEFAULT_GROUP, metric: str = DEFAULT_METRIC) -> list[dict]:
+def summarise(sources: Iterable, group_by: list[str] | str = DEFAULT_GROUP, metric: str = DEFAULT_METRIC,
+              figures: Iterable[str] = ()) -> list[dict]:
     """Rows, one per group of runs (in the order each group's first run started): the group's keys, the distinct
     values of the descriptive columns, the seeds, and mean ± std over its runs of `metric`, the detection AUROC,
-    the training and wall time, and the optimiser steps per net. `sources`: run directories or `read_run`
-    records."""
+    the training and wall time, and the optimiser steps per net; and, under its own name, of each of `figures`
+    (any name `value` reads). `sources`: run directories or `read_run` records. An empty `group_by`: one row."""
     keys = parse_group_by(group_by) if isinstance(group_by, str) else list(group_by)
     records = [s if isinstance(s, dict) else read_run(s) for s in sources]
     groups: dict[tuple, list[dict]] = {}
@@ -217,6 +225,8 @@ def summarise(sources: Iterable, group_by: list[str] | str = DEFAULT_GROUP, metr
             "train_time_s": mean_std([r["train_time_s"] for r in members]),
             "wall_time_s": mean_std([r["wall_time_s"] for r in members]),
         }
+        for f in figures:
+            row.setdefault(f, mean_std([value(r, f) for r in members]))
         rows.append(row)
     return rows
 
@@ -228,8 +238,19 @@ def _ms(v, digits: int) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
 
 
-def cells(rows: list[dict], metric: str = DEFAULT_METRIC, keys: list[str] | None = None) -> tuple[list, list]:
-    """(header, rows of text cells): mean ± std over each group's runs; a lone run shows its value."""
+def _text(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def cells(rows: list[dict], metric: str = DEFAULT_METRIC, keys: list[str] | None = None,
+          figures: Iterable[tuple[str, str, int]] | None = None) -> tuple[list, list]:
+    """(header, rows of text cells): mean ± std over each group's runs; a lone run shows its value. `figures`,
+    [(row key, heading, digits)], replaces the standard columns: then a row is its `keys` and those figures."""
+    if figures is not None:
+        figures = list(figures)
+        header = list(keys or []) + [h for _, h, _ in figures]
+        body = [[_text(r.get(k)) for k in keys or []] + [_ms(r.get(f), d) for f, _, d in figures] for r in rows]
+        return header, body
     head = list(dict.fromkeys((keys or []) + ["method", "data", "noise", "arch", "epochs"]))
     header = head + ["steps/net", "seeds", metric, "AUROC", "train s", "wall s", "runs"]
     body = []
@@ -242,9 +263,10 @@ def cells(rows: list[dict], metric: str = DEFAULT_METRIC, keys: list[str] | None
     return header, body
 
 
-def markdown(rows: list[dict], metric: str = DEFAULT_METRIC, keys: list[str] | None = None) -> str:
-    """The rows as a Markdown table."""
-    header, body = cells(rows, metric, keys)
+def markdown(rows: list[dict], metric: str = DEFAULT_METRIC, keys: list[str] | None = None,
+             figures: Iterable[tuple[str, str, int]] | None = None) -> str:
+    """The rows as a Markdown table (`cells`' columns)."""
+    header, body = cells(rows, metric, keys, figures)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c) + " |" for c in body]
     return "\n".join(lines) + "\n"
@@ -292,15 +314,21 @@ def runs_cmd(
     if not found:
         raise UserError(f"no runs under {', '.join(map(str, dirs))} (a run directory holds config.json and "
                         "metrics.jsonl)")
-    rows = summarise(found, keys, metric)
+    records, unreadable = read_runs(found)
+    console, err = Console(), Console(stderr=True)
+    for d, why in unreadable:
+        err.print(f"warning: skipped {d}: unreadable ({why})", highlight=False, soft_wrap=True, markup=False)
+    if not records:
+        raise UserError(f"none of the {len(found)} runs under {', '.join(map(str, dirs))} is readable")
+    rows = summarise(records, keys, metric)
     md, js = write(rows, out or (dirs[0] / "runs.md"), metric, keys)
     header, body = cells(rows, metric, keys)
-    t = Table(title=f"{len(found)} runs, {len(rows)} groups (mean ± std over runs)")
+    skipped = f", {len(unreadable)} unreadable skipped" if unreadable else ""
+    t = Table(title=f"{len(records)} runs, {len(rows)} groups (mean ± std over runs){skipped}")
     for c in header:
         t.add_column(c, justify="left" if c in keys + ["method", "data", "noise", "arch"] else "right")
     for c in body:
         t.add_row(*c)
-    console = Console()
     console.print(t)
     console.print(f"-> {md}, {js}", highlight=False, soft_wrap=True)
 

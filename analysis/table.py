@@ -7,7 +7,11 @@ that method alone. A run's name holds only the settings that differ from the bas
 two sweeps is one run, trained once.
 
 Rows are ranked by held-out accuracy on the noisy labels (`val_fraction`), never by the test split; the test
-accuracy is reported beside it.
+accuracy is reported beside it, at equal epochs (the runs' own figures) and at equal optimiser steps per net.
+
+A cell's figures come from `ccl runs`' summariser (`ccl.analysis.runs`): each run is read with `read_run`, the
+cell's runs are one group of `summarise`, and the table is its `markdown`; the reading at equal steps is taken
+from the same record's per-epoch history.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +29,10 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
+from ccl.analysis import runs
 from ccl.errors import UserError
 from ccl.train.config import SECTIONS, TrainConfig, apply_overrides, load_config_file
 from ccl.train.loop import FREE_ON_RESUME, config_changes, train
-from ccl.train.metrics import MetricsLog
 
 
 def parse_noise(spec: str) -> tuple[str, float]:
@@ -120,18 +123,6 @@ def _get(d: dict, key: str):
     return d
 
 
-def _mean_std(vals: list) -> tuple[float, float, int]:
-    vals = [v for v in vals if v is not None and v == v]
-    if not vals:
-        return float("nan"), float("nan"), 0
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
-
-
-def _fmt(ms, digits: int = 1) -> str:
-    m, s, n = ms
-    return "-" if m != m else f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
 # The figures each row reports, mean ± std over seeds: (summary key, heading, digits).
 FIGURES = (("val_best", "val best", 1), ("val_last10_mean", "val last-10", 1), ("test_at_best_val", "test at best val", 1),
            ("test_last10_mean", "test last-10", 1), ("test_final", "test final", 1),
@@ -147,11 +138,11 @@ def run_table(*, methods, noise, seeds, epochs, warmup, arch, out: Path, data=No
     out = Path(out)
     common = {**(base or {}), "epochs": epochs, "warmup": warmup, "arch": arch, "out": str(out / "runs")}
     cells = grid_cells(methods, parse_grid(list(grid)), common)
-    runs = [(cell, col, seed) for col in columns for seed in seeds for cell in cells]
+    todo = [(cell, col, seed) for col in columns for seed in seeds for cell in cells]
     results: dict[str, dict] = {}
     with Progress(console=console) as bar:
-        task = bar.add_task("grid", total=len(runs))
-        for cell, col, seed in runs:
+        task = bar.add_task("grid", total=len(todo))
+        for cell, col, seed in todo:
             name = run_name(cell, col, seed)
             run_dir = out / "runs" / name
             done = run_dir / "summary.json"
@@ -167,7 +158,7 @@ def run_table(*, methods, noise, seeds, epochs, warmup, arch, out: Path, data=No
                 summary = train(cfg, resume=resume, progress=False)
                 summary["wall_time_s"] = time.perf_counter() - t0  # of this process only, when the run was resumed
                 done.write_text(json.dumps(summary, indent=2) + "\n")
-            results[name] = _read(done)
+            results[name] = runs.read_run(run_dir)
             bar.advance(task)
     table = aggregate(results, cells, columns, seeds)
     out.mkdir(parents=True, exist_ok=True)
@@ -196,13 +187,11 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def at_steps(summary: dict, budget: float) -> dict:
-    """Test and held-out accuracy of a run at its last epoch within `budget` optimiser steps per net, read from its
-    metrics.jsonl (None when it has no such epoch, or no curve)."""
-    if not summary.get("run_dir"):
-        return {}
+def at_steps(record: dict, budget: float) -> dict:
+    """Test and held-out accuracy of a run (a `runs.read_run` record) at its last epoch within `budget` optimiser
+    steps per net, from its per-epoch history (empty when it has no such epoch, or no curve)."""
     steps, last = 0.0, {}
-    for r in MetricsLog(Path(summary["run_dir"]) / "metrics.jsonl").read():  # complete lines only
+    for r in record["history"]:  # MetricsLog's complete lines
         steps += r.get("steps_per_net", 0)
         if steps > budget + 1e-6:
             break
@@ -210,43 +199,49 @@ def at_steps(summary: dict, budget: float) -> dict:
     return last
 
 
-def aggregate(results: dict[str, dict], cells: list[Cell], columns: list[Column], seeds) -> dict:
-    """Mean ± std over seeds of each cell's FIGURES. Equal work: within a column, every run is also read at the
-    smallest number of optimiser steps per net that any run of the column took (`equal_steps`), so a method that
-    steps twice per epoch (RoLR's code) is compared at the same number of steps as one that steps once."""
+def aggregate(results: dict, cells: list[Cell], columns: list[Column], seeds) -> dict:
+    """Each cell's runs summarised as one group by `runs.summarise`: mean ± std over seeds of its FIGURES. Equal
+    work: within a column, every run is also read at the smallest number of optimiser steps per net that any run
+    of the column took (`equal_steps`), so a method that steps twice per epoch (RoLR's code) is compared at the same
+    number of steps as one that steps once. `results`: run name -> `runs.read_run` record, or its directory."""
+    records = {name: r if isinstance(r, dict) else runs.read_run(Path(r)) for name, r in results.items()}
+    figures = [key for key, _, _ in FIGURES] + ["val_equal_steps", "actual_noise_rate"]
     table = {}
     for col in columns:
-        col_runs = [results[run_name(cell, col, s)] for cell in cells for s in seeds]
-        budget = min((r["steps_per_net"] for r in col_runs if r.get("steps_per_net")), default=0.0)
+        col_runs = [records[run_name(cell, col, s)] for cell in cells for s in seeds]
+        budget = min(filter(None, (runs.value(r, "steps_per_net") for r in col_runs)), default=0.0)
         for cell in cells:
-            runs = [results[run_name(cell, col, s)] for s in seeds]
-            equal = [at_steps(r, budget) for r in runs]
+            members = []
+            for s in seeds:
+                r = records[run_name(cell, col, s)]
+                equal = {k: v for k, v in at_steps(r, budget).items() if k != "steps"}
+                members.append({**r, "summary": {**r["summary"], **equal}})
+            (row,) = runs.summarise(members, [], "test_last10_mean", figures)
             table[f"{cell.method}|{cell.label}|{col.label}"] = {
                 "method": cell.method, "reading": cell.label, "settings": dict(cell.settings), "column": col.label,
-                "seeds": list(seeds), "equal_steps": budget,
-                **{key: _mean_std([r.get(key) for r in runs]) for key, _, _ in FIGURES if key != "test_equal_steps"},
-                **{key: _mean_std([e.get(key) for e in equal]) for key in ("test_equal_steps", "val_equal_steps")},
-                "actual_noise_rate": _mean_std([r.get("actual_noise_rate") for r in runs]),
-                "per_seed_test_last10": [r.get("test_last10_mean") for r in runs],
+                **{k: v for k, v in row.items() if k != "method"}, "seeds": list(seeds), "equal_steps": budget,
+                "per_seed_test_last10": [runs.value(r, "test_last10_mean") for r in members],
             }
     return table
 
 
+def _rank(cell: dict) -> float:
+    val = cell.get("val_best")
+    return -val[0] if val else 0.0
+
+
 def markdown(table: dict, columns: list[Column]) -> str:
-    """One table per column, rows ranked by held-out accuracy (val best) when there is one, else as given."""
-    parts = ["Accuracy (%), mean ± std over seeds. `val` is the held-out part of the noisy training set (the "
-             "ranking); `test` the clean test split, reported beside it. `steps/net`: optimiser steps each net took; "
-             "`test at equal steps`: at the last epoch within the fewest steps per net any run of the column took.\n"]
+    """One table per column (`runs.markdown` of its cells), rows ranked by held-out accuracy (val best) when there
+    is one, else as given."""
+    parts = ["Accuracy (%), mean ± std over seeds (a lone seed: its value). `val` is the held-out part of the noisy "
+             "training set (the ranking); `test` the clean test split, reported beside it. `steps/net`: optimiser "
+             "steps each net took; `test at equal steps`: at the last epoch within the fewest steps per net any run "
+             "of the column took.\n"]
     for col in columns:
-        rows = [c for c in table.values() if c["column"] == col.label]
-        rows.sort(key=lambda c: -c["val_best"][0] if c["val_best"][0] == c["val_best"][0] else 0.0)
+        rows = sorted((c for c in table.values() if c["column"] == col.label), key=_rank)
         budget = max((c.get("equal_steps", 0) for c in rows), default=0)
-        parts.append(f"\n**{col.label}** (equal steps: {budget:.0f} per net)\n\n| method | reading | "
-                     + " | ".join(h for _, h, _ in FIGURES) + " |\n")
-        parts.append("|---|---|" + "---|" * len(FIGURES) + "\n")
-        for c in rows:
-            parts.append(f"| {c['method']} | {c['reading']} | "
-                         + " | ".join(_fmt(c[key], d) for key, _, d in FIGURES) + " |\n")
+        parts.append(f"\n**{col.label}** (equal steps: {budget:.0f} per net)\n\n")
+        parts.append(runs.markdown(rows, keys=["method", "reading"], figures=FIGURES))
     return "".join(parts)
 
 

@@ -44,11 +44,28 @@ def bench_train_cmd(
     bench_train(epochs=epochs, json_path=json_out, console=Console())
 
 
+def bench_arch_cmd(
+    arch: list[str] = typer.Option(["resnet18", "preact_resnet18"], help="Networks to compare (repeatable); the "
+                                   "first is the base of the ratios."),
+    batch_size: int = typer.Option(64, help="Batch size."),
+    size: int = typer.Option(32, help="Image side in pixels (at most 64: the CIFAR stem)."),
+    rounds: int = typer.Option(5, help="Timed steps per network, interleaved."),
+    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
+):
+    """Parameter count and training-step time of networks (forward, CE, backward, SGD), side by side."""
+    from ccl.bench.arch import bench_arch
+
+    bench_arch(tuple(arch), batch_size=batch_size, rounds=rounds, size=size, device=device, json_path=json_out,
+               console=Console())
+
+
 def register(bench_app: typer.Typer) -> None:
-    """Add `pipeline`, `kernel`, `train` and `scale` to `ccl bench` (`ccl.cli` calls this once)."""
+    """Add `pipeline`, `kernel`, `train`, `arch` and `scale` to `ccl bench` (`ccl.cli` calls this once)."""
     from ccl.bench.scale import register as register_scale
 
     bench_app.command("pipeline")(bench_pipeline_cmd)
     bench_app.command("kernel")(bench_kernel_cmd)
     bench_app.command("train")(bench_train_cmd)
+    bench_app.command("arch")(bench_arch_cmd)
     register_scale(bench_app)

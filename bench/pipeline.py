@@ -190,7 +190,8 @@ class _Bench:
         self, path: str, backend: str, batch_size: int, num_workers: int, warmup: int, device: str, seed: int
     ):
         from ccl.pipeline.augment import Augment, mixup
-        from ccl.pipeline.loader import make_loader, resolve_load_size
+        from ccl.pipeline.decode import resolve_load_size
+        from ccl.pipeline.loader import make_loader
         from ccl.pipeline.shards import ShardSet
 
         torch.manual_seed(seed)
@@ -495,7 +496,7 @@ def synthetic_set(cache_dir, kind: str = "cifar", train: int = 10000, test: int 
     from PIL import Image
 
     from ccl.pipeline.convert import ConvertOptions, convert
-    from ccl.pipeline.shards import MANIFEST
+    from ccl.pipeline.manifest import MANIFEST
 
     if kind not in ("cifar", "animal"):
         raise UserError(f"unknown synthetic set kind {kind!r}: cifar or animal")

@@ -40,16 +40,8 @@ BLOCK = 512  # a tar block: every member's data starts on one
 
 def write_synthetic(root: Path, n: int, shard_size: int, seed: int = 0) -> Path:
     """N samples in ceil(N / shard_size) shards + index files + manifest.json under root (reused if complete)."""
-    from ccl.pipeline.shards import (
-        INDEX_VERSION,
-        LABELS_EXT,
-        MANIFEST,
-        index_name,
-        sha256_bytes,
-        sha256_file,
-        shard_name,
-        write_json_atomic,
-    )
+    from ccl.pipeline.manifest import MANIFEST
+    from ccl.pipeline.tarshard import INDEX_VERSION, LABELS_EXT, index_name, sha256_bytes, sha256_file, shard_name
 
     root.mkdir(parents=True, exist_ok=True)
     if (root / MANIFEST).is_file():
@@ -83,7 +75,9 @@ def write_synthetic(root: Path, n: int, shard_size: int, seed: int = 0) -> Path:
                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                 "splits": {"train": {"count": n, "has_clean": False, "shards": shards}},
                 "notes": ["ccl bench scale: label members only, no image bytes"]}
-    write_json_atomic(root / MANIFEST, manifest)  # last: a set without it is unfinished
+    from ccl import files
+
+    files.write_json(root / MANIFEST, manifest, indent=1)  # last: a set without it is unfinished
     return root
 
 

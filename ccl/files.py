@@ -3,17 +3,19 @@ disk, a read-only folder, a path that is a directory) is one line naming the pat
 
 - `write_atomic`: a hidden temporary sibling, fsync, rename; on failure the temporary file is removed and the old
   file stays as it was. `also` puts the same bytes under more names (hard links, no second write), renamed first.
+- `write_text`: the same for text streamed into an open file (CSV tables).
 - `append_line`: one line at the end of a file; a failed append is cut back, so no torn line is left behind.
 - `make_dir`: a folder, or one line saying why not.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TextIO
 
 from ccl.errors import UserError
 
@@ -114,8 +116,33 @@ def _remove(paths) -> None:
             pass
 
 
+def write_text(path, write: Callable[[TextIO], None]) -> None:
+    """`write_atomic` for text that `write(f)` streams into an open text file (UTF-8, newline="" as csv wants)."""
+
+    def data(f) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        write(text)
+        text.flush()
+        text.detach()  # the binary file stays open for write_atomic's fsync
+
+    write_atomic(path, data)
+
+
 def write_json(path, obj, indent: int = 2) -> None:
-    write_atomic(path, json.dumps(obj, indent=indent) + "\n")
+    """JSON, indented, with lists of scalars (a mean, a transition-matrix row) kept on one line."""
+    write_atomic(path, dumps_json(obj, indent) + "\n")
+
+
+def dumps_json(obj, indent: int = 1, _level: int = 0) -> str:
+    """Indented JSON that keeps lists of scalars (mean, a transition-matrix row) on one line."""
+    pad, inner = " " * (indent * _level), " " * (indent * (_level + 1))
+    if isinstance(obj, dict) and obj:
+        body = ",\n".join(f"{inner}{json.dumps(str(k))}: {dumps_json(v, indent, _level + 1)}" for k, v in obj.items())
+        return "{\n" + body + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)) and obj and any(isinstance(v, (dict, list, tuple)) for v in obj):
+        body = ",\n".join(inner + dumps_json(v, indent, _level + 1) for v in obj)
+        return "[\n" + body + "\n" + pad + "]"
+    return json.dumps(obj)
 
 
 def append_line(path, line: str) -> None:

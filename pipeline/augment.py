@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ccl.errors import UserError
 
+VIEWS = ("weak", "strong", "contrastive", "eval")  # what a method may ask of `Augment.make_views`
 STYLES = ("cifar", "imagenet")
 PAD_MODES = ("zeros", "reflect")
 
@@ -137,6 +137,8 @@ def _randint(high: int, shape: tuple[int, ...], generator: torch.Generator | Non
 # RandAugment ops. Each takes x float [M, 3, H, W] in [0, 1] and v float [M], the op's value in its RA_RANGES units,
 # and returns a new tensor in [0, 1]. They follow PIL's ops on 8-bit images, which round or truncate to 8 bits
 # inside each op; here the values stay float, so a PIL result can differ by up to about one 8-bit level.
+# They are written by hand, not taken from a library, on purpose: the strong view is meant to be the RandAugment of
+# RoLR's code, which runs PIL, and each op here is held to PIL's output op by op in tests/test_augment.py.
 
 
 def _blend(x: torch.Tensor, degenerate: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -461,25 +463,25 @@ class Augment(nn.Module):
     ):
         super().__init__()
         if style not in STYLES:
-            raise UserError(f"unknown augmentation style {style!r}: expected one of {', '.join(STYLES)}")
+            raise ValueError(f"unknown augmentation style {style!r}: expected one of {', '.join(STYLES)}")
         if pad_mode not in PAD_MODES:
-            raise UserError(f"unknown pad mode {pad_mode!r}: expected one of {', '.join(PAD_MODES)}")
+            raise ValueError(f"unknown pad mode {pad_mode!r}: expected one of {', '.join(PAD_MODES)}")
         if len(mean) != 3 or len(std) != 3:
-            raise UserError(f"mean and std need 3 values (RGB), got {len(mean)} and {len(std)}")
+            raise ValueError(f"mean and std need 3 values (RGB), got {len(mean)} and {len(std)}")
         if min(std) <= 0:
-            raise UserError(f"std must be positive, got {list(std)}")
+            raise ValueError(f"std must be positive, got {list(std)}")
         if not isinstance(size, int) or size < 3:
-            raise UserError(f"augmentation size must be an integer of at least 3 px, got {size!r}")
+            raise ValueError(f"augmentation size must be an integer of at least 3 px, got {size!r}")
         if not 0 <= pad < size:
-            raise UserError(f"pad must be in [0, size), got {pad} for size {size}")
+            raise ValueError(f"pad must be in [0, size), got {pad} for size {size}")
         if ra_ops < 0:
-            raise UserError(f"ra_ops must be >= 0, got {ra_ops}")
+            raise ValueError(f"ra_ops must be >= 0, got {ra_ops}")
         if not 0 <= cutout <= 1:
-            raise UserError(f"cutout must be a fraction of the side in [0, 1], got {cutout}")
+            raise ValueError(f"cutout must be a fraction of the side in [0, 1], got {cutout}")
         contrastive_scale = TCL_CROP_SCALE[style] if contrastive_scale is None else contrastive_scale
         for s in (scale, contrastive_scale):
             if not (0 < s[0] <= s[1] <= 1) or not (0 < ratio[0] <= ratio[1]):
-                raise UserError(f"bad random-resized-crop scale {s} or ratio {ratio}")
+                raise ValueError(f"bad random-resized-crop scale {s} or ratio {ratio}")
         self.size, self.style, self.pad, self.pad_mode = size, style, pad, pad_mode
         self.ra_ops, self.cutout = ra_ops, float(cutout)
         self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
@@ -502,12 +504,12 @@ class Augment(nn.Module):
     def to_float(x: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, H, W] -> float32 in [0, 1]; a floating batch is taken as already in [0, 1]."""
         if x.dim() != 4 or x.shape[1] != 3:
-            raise UserError(f"expected an image batch [N, 3, H, W], got shape {list(x.shape)}")
+            raise ValueError(f"expected an image batch [N, 3, H, W], got shape {list(x.shape)}")
         if x.dtype == torch.uint8:
             return x.float().div_(255.0)
         if x.is_floating_point():
             return x.float()
-        raise UserError(f"expected a uint8 or float image batch, got {x.dtype}")
+        raise ValueError(f"expected a uint8 or float image batch, got {x.dtype}")
 
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:
         """float [N, 3, H, W] in [0, 1] -> (x - mean) / std."""
@@ -687,6 +689,22 @@ class Augment(nn.Module):
         p = self.sample_contrastive(x01.shape[0], tuple(x01.shape[-2:]), generator, x01.device)
         return self.apply_contrastive(x01, p)
 
+    def make_views(self, x: torch.Tensor, names: tuple[str, ...],
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, ...]:
+        """The views `names` (each one of `VIEWS`), in their order, from one uint8 batch: the one call through which
+        training asks for views. ("weak", "strong", ...) takes `views`, with one uint8 -> float conversion; any
+        other list, repeated names included (DivideMix's two weak views), draws each view on its own."""
+        unknown = [n for n in names if n not in VIEWS]
+        if unknown:
+            raise ValueError(f"unknown view {unknown[0]!r}: the views are {', '.join(VIEWS)}")
+        n_strong = len(names) - 1
+        if n_strong > 0 and names == ("weak",) + ("strong",) * n_strong:
+            weak, strongs = self.views(x, n_strong, generator=generator)
+            return (weak, *strongs)
+        makers = {"weak": self.weak, "strong": self.strong, "contrastive": self.contrastive,
+                  "eval": lambda images, generator=None: self.eval_view(images)}
+        return tuple(makers[n](x, generator=generator) for n in names)
+
     @_float32
     def views(self, x: torch.Tensor, n_strong: int = 1, generator: torch.Generator | None = None):
         """One weak and n_strong strong views of the same batch, each with its own draws: (weak, [strong, ...]).
@@ -742,7 +760,7 @@ def draw_mixup(
     from `generator` on its device, returned on `device` (default: the generator's).
     """
     if not alpha > 0:
-        raise UserError(f"mixup alpha must be > 0, got {alpha}")
+        raise ValueError(f"mixup alpha must be > 0, got {alpha}")
     source = generator.device if generator is not None else torch.device(device if device is not None else "cpu")
     if host is None:
         # torch has no Beta sampler that takes a Generator: seed Python's from the torch stream, so one seed
@@ -769,8 +787,8 @@ def mixup(x: torch.Tensor, y: torch.Tensor, alpha: float, generator: torch.Gener
     Kept for callers written before draw_mixup/apply_mixup; new code calls those two.
     """
     if not alpha > 0:
-        raise UserError(f"mixup alpha must be > 0, got {alpha}")
+        raise ValueError(f"mixup alpha must be > 0, got {alpha}")
     if y.dim() != 2 or y.shape[0] != x.shape[0] or not y.is_floating_point():
-        raise UserError(f"mixup needs float targets [N, C] matching x's N={x.shape[0]}, got {list(y.shape)}")
+        raise ValueError(f"mixup needs float targets [N, C] matching x's N={x.shape[0]}, got {list(y.shape)}")
     lam, perm = draw_mixup(x.shape[0], alpha, generator=generator, device=x.device)
     return apply_mixup(x, lam, perm), apply_mixup(y, lam, perm), lam, perm

@@ -32,12 +32,15 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ccl import files
 from ccl.errors import UserError
 from ccl.pipeline import manifest as schema
-from ccl.pipeline.progress import Bars
-from ccl.pipeline.shards import (
-    MANIFEST, ShardScan, die_with_parent, load_manifest, sample_key, scan_shard, write_json_atomic,
-)  # fmt: skip
+from ccl.progress import Bars
+from ccl.pipeline.manifest import MANIFEST
+from ccl.pipeline.procs import die_with_parent
+from ccl.pipeline.scan import ShardScan, scan_shard
+from ccl.pipeline.shards import load_manifest
+from ccl.pipeline.tarshard import sample_key
 
 BACKENDS = ("torch", "dali")
 REPORT = "check.json"
@@ -564,7 +567,7 @@ def check_command(
     root = Path(data).parent if Path(data).name == MANIFEST else Path(data)
     out = Path(report) if report is not None else root / REPORT
     try:
-        write_json_atomic(out, rep)
+        files.write_json(out, rep, indent=1)
     except OSError as e:
         raise UserError(f"cannot write the report to {out} ({e.strerror}); pass --report PATH") from None
     print(f"report: {out}")

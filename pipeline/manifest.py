@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from pydantic import model_validator
 
 FORMAT_VERSION = 1
+MANIFEST = "manifest.json"  # the file name of a shard set's manifest, written last
 # Names that become parts of paths (a run directory, a shard file) or of file names: a letter or digit first,
 # then letters, digits, '.', '_', '-'. No separator, no leading dot, so no '..', no hidden or absolute name.
 PLAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from ccl.cli import app
 from ccl.pipeline.check import check, summary
-from ccl.pipeline.shards import ShardSet, parse_index
+from ccl.pipeline.shards import ShardSet
+from shardtools import parse_index
 from test_reliability import HAVE_DALI, resign, sets  # noqa: F401 - sets is a fixture
 
 

@@ -179,7 +179,8 @@ def _rank_pid(agent: int, rank: int) -> int:
 @pytest.mark.timeout(300)
 def test_bench_scale_measures_and_the_fast_label_scan_agrees_with_the_loop(digits, tmp_path):
     import numpy as np
-    from ccl.pipeline.shards import ShardSet, scan_labels_fast, scan_shard
+    from ccl.pipeline.scan import scan_labels_fast, scan_shard
+    from ccl.pipeline.shards import ShardSet
     from ccl.bench.scale import bench_scale
     from rich.console import Console
 
@@ -224,7 +225,7 @@ def ddp_steps_worker() -> None:
     from ccl.pipeline.loader import make_loader
     from ccl.train import dist
     from ccl.train.config import TrainConfig
-    from ccl.train.loop import make_views, setup
+    from ccl.train.loop import setup
 
     dist.init("gloo", "cpu")
     data = Path(os.environ["CCL_TEST_DIGITS"])  # built by the test's fixture
@@ -240,7 +241,7 @@ def ddp_steps_worker() -> None:
         for epoch in (0, 1):  # 0: warm-up (CE), 1: the method's loss
             for p in range(method.passes(epoch)):
                 batch = next(batches)
-                views = make_views(run.aug, batch.images, method.views(epoch), None)
+                views = run.aug.make_views(batch.images, method.views(epoch), None)
                 opt.zero_grad(set_to_none=True)
                 model(batch, views, epoch, p, None).loss.backward()
                 learning = method.training_nets(epoch, p)

@@ -10,10 +10,11 @@ from dataclasses import replace
 
 import pytest
 import torch
+from ccl.progress import NoProgress
 from ccl.train import checkpoint as ckpt
 from ccl.bench.train import HostSyncCounter
 from ccl.train.config import TrainConfig, apply_overrides
-from ccl.train.loop import lr_at, make_optimizer, make_views, resolve_device, setup, train
+from ccl.train.loop import lr_at, make_optimizer, resolve_device, setup, train
 
 from ccl.errors import UserError
 
@@ -43,7 +44,7 @@ def test_one_optimiser_gives_the_updates_of_one_optimiser_per_net(digits, tmp_pa
     opts = [make_optimizer(cfg, net.parameters()) for net in per_net.nets]
     epoch = 5  # past warm-up: the alternate schedule trains one net per pass
     for batch in _batches(run, 3):
-        views = make_views(run.aug, batch.images, one.views(epoch), torch.Generator().manual_seed(1))
+        views = run.aug.make_views(batch.images, one.views(epoch), torch.Generator().manual_seed(1))
         for p in range(one.passes(epoch)):
             opt.zero_grad(set_to_none=True)
             one(batch, views, epoch, p).loss.backward()
@@ -97,7 +98,7 @@ def test_the_training_step_makes_no_host_sync(digits, tmp_path, method):
 
     epoch = 5 if method != "ce" else 0
     with HostSyncCounter() as counter:
-        loop.train_epoch(run, opt, scaler, ctx, rng, Loader(batches), epoch, loop._NoProgress())
+        loop.train_epoch(run, opt, scaler, ctx, rng, Loader(batches), epoch, NoProgress())
     steps = 20 * run.method.passes(epoch)
 
     def at(*files):
@@ -150,7 +151,7 @@ def test_every_weight_the_papers_name_reaches_the_loss(digits, tmp_path):
     run = setup(small_cfg(digits, tmp_path), digits)
     run.method.w.fill_(0.3)
     batch = _batches(run, 1)[0]
-    views = make_views(run.aug, batch.images, ("weak", "strong"), torch.Generator().manual_seed(0))
+    views = run.aug.make_views(batch.images, ("weak", "strong"), torch.Generator().manual_seed(0))
 
     def loss(**ccl):
         run.method.cfg = replace(run.cfg, ccl=replace(run.cfg.ccl, **ccl))
@@ -251,9 +252,18 @@ def test_without_a_validation_part_no_best_checkpoint_is_chosen(digits, tmp_path
 def test_make_views_draws_one_view_per_name_each_with_its_own_draws(digits, tmp_path, names):
     run = setup(small_cfg(digits, tmp_path), digits)
     batch = _batches(run, 1)[0]
-    views = make_views(run.aug, batch.images, names, torch.Generator().manual_seed(0))
+    views = run.aug.make_views(batch.images, names, torch.Generator().manual_seed(0))
     assert len(views) == len(names)
     assert all(v.shape == views[0].shape and v.dtype == torch.float32 for v in views)
     for i in range(len(views)):
         for j in range(i):  # repeated names are separate augmentations, not one view twice
             assert not torch.equal(views[i], views[j]), (names, i, j)
+
+
+def test_an_unknown_view_name_is_an_error_not_a_fallback(digits, tmp_path):
+    run = setup(small_cfg(digits, tmp_path), digits)
+    batch = _batches(run, 1)[0]
+    with pytest.raises(ValueError, match="unknown view 'straong'"):
+        run.aug.make_views(batch.images, ("weak", "straong"))
+    (ev,) = run.aug.make_views(batch.images, ("eval",))
+    assert torch.equal(ev, run.aug.eval_view(batch.images))

@@ -9,8 +9,10 @@ import torch
 from typer.testing import CliRunner
 
 from ccl.errors import UserError
-from ccl.pipeline.shards import ShardSet
+from ccl.pipeline.shards import ShardSet, sample_locations
 from ccl.analysis import labels as L
+from ccl.analysis import labels_scoring as S
+from ccl.analysis import labels_table as T
 from ccl.train.config import TrainConfig
 from ccl.analysis.crossval import stratified_folds, write_subset
 from ccl.train.loop import train
@@ -50,18 +52,18 @@ def truth(data) -> tuple[np.ndarray, np.ndarray]:
 def test_order_is_w_then_probability_of_the_given_label_then_index():
     w = np.array([0.9, 0.1, 0.1, 0.5, 0.1], dtype=np.float32)
     p = np.array([0.2, 0.3, 0.1, 0.0, 0.3], dtype=np.float32)
-    assert L.suspicion_order(w, p).tolist() == [2, 1, 4, 3, 0]
+    assert S.suspicion_order(w, p).tolist() == [2, 1, 4, 3, 0]
 
 
 def test_flag_default_is_the_gmm_decision_point_and_rate_takes_the_first_rows():
     w = np.array([0.2, 0.7, 0.49, 0.5, 0.01])
-    order = L.suspicion_order(w, np.zeros(5))
-    assert L.suspect_flags(order, w).tolist() == [True, False, True, False, True]
-    flags = L.suspect_flags(order, w, rate=0.4)
+    order = S.suspicion_order(w, np.zeros(5))
+    assert S.suspect_flags(order, w).tolist() == [True, False, True, False, True]
+    flags = S.suspect_flags(order, w, rate=0.4)
     assert flags.sum() == 2 and flags[order[:2]].all()
     for bad in (0.0, 1.5, -0.1):
         with pytest.raises(UserError):
-            L.suspect_flags(order, w, rate=bad)
+            S.suspect_flags(order, w, rate=bad)
 
 
 def test_refurbished_label_from_summaries_is_the_argmax_of_eq_10():
@@ -75,7 +77,7 @@ def test_refurbished_label_from_summaries_is_the_argmax_of_eq_10():
     w[:50] = 0.0  # the peer's prediction decides
     w[50:100] = 1.0  # the given label stays
     s = L.summarize_probs(probs.log(), labels)
-    ours = L.refurbished_labels(w.numpy(), labels.numpy(), s["p_given"].numpy(), s["alt"].numpy(), s["p_alt"].numpy())
+    ours = S.refurbished_labels(w.numpy(), labels.numpy(), s["p_given"].numpy(), s["alt"].numpy(), s["p_alt"].numpy())
     y = refurbish(w, labels, probs)  # [N, C]
     top = y.max(1).values
     # Where Eq. 10 has a tie ours keeps the given label; otherwise both name the same class.
@@ -88,7 +90,7 @@ def test_refurbished_label_from_summaries_is_the_argmax_of_eq_10():
 def test_confidence_never_rises_with_the_loss():
     w = np.array([0.9, 0.2, 0.8, 0.95, 0.1])
     loss = np.array([1.0, 2.0, 3.0, 0.5, 2.5])
-    assert L.monotone_confidence(w, loss).tolist() == [0.9, 0.2, 0.1, 0.95, 0.1]
+    assert S.monotone_confidence(w, loss).tolist() == [0.9, 0.2, 0.1, 0.95, 0.1]
 
 
 def test_estimated_w_splits_two_loss_clusters_at_the_gmm_decision_point():
@@ -97,7 +99,7 @@ def test_estimated_w_splits_two_loss_clusters_at_the_gmm_decision_point():
     noisy = rng.normal(3.0, 0.3, 300).clip(0)
     ce = np.concatenate([clean, noisy]).astype(np.float32)
     wrong = np.r_[np.zeros(700, bool), np.ones(300, bool)]
-    w, w_ens = L.estimate_w([ce, ce[::-1].copy()], ce)
+    w, w_ens = S.estimate_w([ce, ce[::-1].copy()], ce)
     assert w.shape == (2, 1000) and w_ens.shape == (1000,)
     assert ((w_ens < 0.5) == wrong).mean() > 0.98
     assert np.allclose(w[1], w_ens)  # net 1's w comes from its peer's (net 0's) losses
@@ -108,7 +110,7 @@ def test_issue_metrics_count_wrong_labels_as_positives():
     given = np.array([0, 1, 2, 3, 4, 5])
     clean = np.array([0, 2, 2, 0, 4, -1])  # indices 1 and 3 are wrong; 5 is unknown
     flag = np.array([True, True, False, False, False, True])
-    m = L.issue_metrics(flag, np.array([0.9, 0.8, 0.1, 0.7, 0.0, 1.0]), given, clean)
+    m = S.issue_metrics(flag, np.array([0.9, 0.8, 0.1, 0.7, 0.0, 1.0]), given, clean)
     assert m["precision"] == 0.5 and m["recall"] == 0.5 and m["flagged"] == 2 and m["wrong"] == 2
     assert m["auroc"] == pytest.approx(4 / 6)  # wrong {0.8, 0.7} vs right {0.9, 0.1, 0.0}: 4 of 6 pairs
 
@@ -118,9 +120,9 @@ def test_correction_is_the_share_of_flagged_wrong_labels_whose_suggestion_is_tru
     clean = np.array([0, 2, 1, 0, 4, -1])  # 1, 2 and 3 are wrong; 5 is unknown
     flag = np.array([True, True, True, True, False, True])
     suggested = np.array([9, 2, 0, 0, 4, 7])  # right for 1 and 3, wrong for 2; 0 is flagged but its label right
-    m = L.issue_metrics(flag, np.zeros(6), given, clean, suggested)
+    m = S.issue_metrics(flag, np.zeros(6), given, clean, suggested)
     assert (m["flagged_wrong"], m["corrected"]) == (3, 2) and m["correction"] == pytest.approx(2 / 3)
-    assert "correction" not in L.issue_metrics(flag, np.zeros(6), given, clean)
+    assert "correction" not in S.issue_metrics(flag, np.zeros(6), given, clean)
 
 
 def test_folds_are_stratified_seeded_and_balanced():
@@ -142,7 +144,7 @@ def test_fold_subsets_copy_images_and_labels_and_withhold_the_truth(digits, tmp_
     label, _ = src.labels("train")
     held, rest = np.array([5, 0, 17]), np.arange(20, 60)
     sub = write_subset(src, "train", {"train": rest, "test": held}, tmp_path / "fold")
-    src_loc, sub_loc = L.sample_locations(src, "train"), L.sample_locations(sub, "test")
+    src_loc, sub_loc = sample_locations(src, "train"), sample_locations(sub, "test")
     sub_label, sub_clean = sub.labels("test")
     assert sub_label.tolist() == label[held].tolist() and (sub_clean == -1).all()
     assert [sub_loc.read(j) for j in range(3)] == [src_loc.read(i) for i in held]
@@ -158,7 +160,7 @@ def test_csv_round_trips_sorted_and_its_metrics_match_a_hand_computation(ccl_run
     out = tmp_path / "labels.csv"
     r = cli(ccl_run, "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
-    t = L.read_table(out)
+    t = T.read_table(out)
     label, clean = truth(digits)
     n = label.size
     assert t["rank"].tolist() == list(range(1, n + 1))
@@ -191,7 +193,7 @@ def test_the_true_label_and_how_often_the_suggestion_is_it(ccl_run, digits, tmp_
     out = tmp_path / "labels.csv"
     r = cli(ccl_run, "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
-    t = L.read_table(out)
+    t = T.read_table(out)
     label, clean = truth(digits)
     assert (t["true"] == clean[t["index"]]).all()
     fixed = t["suspect"] & (t["given"] != t["true"])
@@ -206,7 +208,7 @@ def test_w_from_the_run_is_the_checkpoints_own(ccl_run, tmp_path):
     r = cli(ccl_run, "--w", "run", "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "w the run's own" in r.output
-    t = L.read_table(out)
+    t = T.read_table(out)
     run, _ = restore(f"{ccl_run}/checkpoints/last.pt", device="cpu")
     for m in (0, 1):
         assert np.allclose(t[f"w{m}"], run.method.w[m].numpy()[t["index"]], atol=1e-6)
@@ -219,7 +221,7 @@ def test_rate_flags_that_fraction_and_top_prints_that_many_rows(ccl_run, tmp_pat
     out = tmp_path / "rate.csv"
     r = cli(ccl_run, "--out", out, "--rate", "0.1", "--top", "7", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    t = L.read_table(out)
+    t = T.read_table(out)
     k = round(0.1 * len(t["rank"]))
     assert t["suspect"][:k].all() and not t["suspect"][k:].any()
     assert "the 7 most suspect labels" in r.output
@@ -245,7 +247,7 @@ def test_single_net_ce_gets_an_estimated_w(ce_run, digits, tmp_path):
     r = cli(ce_run, "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "w fitted on the eval view" in r.output
-    t = L.read_table(out)
+    t = T.read_table(out)
     assert "w1" not in t and "pred1" not in t
     # One net is its own peer and its own ensemble: one w, three names.
     assert np.allclose(t["w_mean"], t["w0"]) and np.allclose(t["w_ens"], t["w0"])
@@ -256,7 +258,7 @@ def test_single_net_ce_gets_an_estimated_w(ce_run, digits, tmp_path):
     label, clean = truth(digits)
     wrong = label[t["index"]] != clean[t["index"]]
     # One epoch of CE already ranks the wrong labels above chance (0.5; its spread here is about 0.015).
-    assert L.issue_metrics(np.asarray(t["suspect"]), -np.asarray(t["rank"], float), label[t["index"]],
+    assert S.issue_metrics(np.asarray(t["suspect"]), -np.asarray(t["rank"], float), label[t["index"]],
                            clean[t["index"]])["auroc"] > 0.55
     assert wrong.any()
 
@@ -265,7 +267,7 @@ def test_another_split_estimates_w_there(ccl_run, tmp_path):
     out = tmp_path / "test.csv"
     r = cli(ccl_run, "--split", "test", "--out", out, "--device", "cpu")
     assert r.exit_code == 0, r.output
-    assert len(L.read_table(out)["rank"]) == 360 and "w fitted on the eval view" in r.output
+    assert len(T.read_table(out)["rank"]) == 360 and "w fitted on the eval view" in r.output
 
 
 @pytest.mark.parametrize("args, message", [
@@ -289,7 +291,7 @@ def test_parquet_round_trips_when_pyarrow_is_installed(ccl_run, digits, tmp_path
     pytest.importorskip("pyarrow")
     out = tmp_path / "labels.parquet"
     assert cli(ccl_run, "--out", out, "--device", "cpu").exit_code == 0
-    t = L.read_table(out)
+    t = T.read_table(out)
     label, _ = truth(digits)
     assert (t["given"] == label[t["index"]]).all() and t["suspect"].dtype == bool
 
@@ -304,12 +306,12 @@ def test_compare_cleanlab_on_out_of_sample_probabilities(ccl_run, digits, tmp_pa
     r = cli(ccl_run, "--out", out, "--compare-cleanlab", "--folds", "2", "--cv-epochs", "1", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert "cleanlab" in r.output and "flagged by both" in r.output
-    t = L.read_table(out)
+    t = T.read_table(out)
     label, clean = truth(digits)
     assert set(np.unique(t["oos_pred"])) <= set(range(10))
     # cleanlab's printed figures, recomputed from its columns in the table and the manifest. (One epoch of a tiny
     # net on half the data learns little, so how good they are is the measurement's business, not this test's.)
-    m = L.issue_metrics(t["cleanlab_issue"], -t["cleanlab_quality"], label[t["index"]], clean[t["index"]])
+    m = S.issue_metrics(t["cleanlab_issue"], -t["cleanlab_quality"], label[t["index"]], clean[t["index"]])
     row = next(line for line in r.output.splitlines() if line.strip().startswith("cleanlab "))
     cells = row.split()
     assert cells[1:6] == [str(m["flagged"]), f"{100 * m['precision']:.1f}%", f"{100 * m['recall']:.1f}%",

@@ -11,8 +11,11 @@ import torch
 from ccl.errors import UserError
 from ccl.pipeline.batch import Batch
 from ccl.pipeline.convert import ConvertOptions, convert
-from ccl.pipeline.loader import batch_sizes, make_loader, plan_epoch, rechunk, steps_per_epoch
-from ccl.pipeline.shards import ShardSet, parse_index, sha256_file
+from ccl.pipeline.loader import make_loader
+from ccl.pipeline.plan import batch_sizes, plan_epoch, rechunk, steps_per_epoch
+from ccl.pipeline.shards import ShardSet
+from ccl.pipeline.tarshard import sha256_file
+from shardtools import parse_index
 
 try:  # the dali backend is optional (Linux x86_64 wheels only)
     import nvidia.dali  # noqa: F401

@@ -100,6 +100,7 @@ def test_export_rebuilds_with_the_readme_snippet_and_matches_predict(run_dir, di
     exec(P.SNIPPET, scope)  # noqa: S102 - the documented snippet itself
     nets, meta = scope["nets"], scope["meta"]
     assert meta["nets"] == ["net0", "net1"] and meta["classes"] == ShardSet.open(digits).classes
+    assert meta["torchvision"] is None  # resnet_tiny is ccl's own network: ccl.model rebuilds it
     loc = sample_locations(ShardSet.open(digits), "test")
     x = torch.stack([P.decode(loc.read(i), tuple(meta["input"]["size"]), False) for i in range(16)])
     mean, std = (torch.tensor(meta["input"][k]).view(1, 3, 1, 1) for k in ("mean", "std"))
@@ -130,3 +131,51 @@ def test_bad_predict_options_are_one_line(run_dir, digits, tmp_path, args, messa
 def test_export_needs_a_safetensors_name(run_dir, tmp_path):
     r = cli("export", run_dir, "--out", tmp_path / "model.pt")
     assert r.exit_code == 2 and "expected a .safetensors file name" in r.output
+
+
+@pytest.fixture(scope="module")
+def resnet18_run(tmp_path_factory):
+    """Two torchvision ResNet-18s with the CIFAR stem, one step on 16 random 16x16 images (12 to train on): trained
+    BatchNorm statistics and weights to export, in seconds."""
+    from PIL import Image
+
+    from ccl.pipeline.convert import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("r18")
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / "raw" / c).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "raw" / c / f"{i}.png")
+    convert("folder", root / "raw", root / "set", ConvertOptions(workers=1, progress=False, test_fraction=0.25),
+            log=lambda s: None)
+    cfg = TrainConfig(data=str(root / "set"), method="ccl", arch="resnet18", epochs=1, warmup=1, batch_size=12,
+                      workers=0, out=str(root / "runs"), name="r18", seed=0, amp=False)
+    return Path(train(cfg, progress=False)["run_dir"])
+
+
+def test_the_readme_torchvision_snippet_rebuilds_resnet18_with_ccls_logits(resnet18_run, tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    from ccl.train.loop import restore
+
+    assert P.TORCHVISION_SNIPPET in README.read_text()  # the README shows the code this test runs
+    monkeypatch.chdir(tmp_path)
+    r = cli("export", resnet18_run, "--out", "model.safetensors")
+    assert r.exit_code == 0, r.output
+    scope: dict = {}
+    exec(P.TORCHVISION_SNIPPET, scope)  # noqa: S102 - the documented snippet itself, without ccl.model
+    nets, tv = scope["nets"], scope["meta"]["torchvision"]
+    assert tv["model"] == "resnet18" and tv["cifar_stem"] and len(nets) == 2
+    assert all(type(net) is torchvision_resnet() and not net.training for net in nets)
+    run, _ = restore(resnet18_run / "checkpoints" / "last.pt", device="cpu")
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for net, ours in zip(nets, run.method.nets):
+            assert not ours.training and ours.backbone.bn1.num_batches_tracked > 0  # eval mode, trained statistics
+            torch.testing.assert_close(net(x), ours(x)[0], rtol=0, atol=1e-5)
+
+
+def torchvision_resnet():
+    import torchvision
+
+    return torchvision.models.ResNet

@@ -28,10 +28,12 @@ import torch
 from PIL import Image
 
 from ccl.errors import UserError
-from ccl.pipeline import loader as loader_mod
+from ccl.pipeline import decode as decode_mod
 from ccl.pipeline.convert import ConvertOptions, convert
 from ccl.pipeline.loader import make_loader
-from ccl.pipeline.shards import ShardSet, parse_index, sha256_file
+from ccl.pipeline.shards import ShardSet
+from ccl.pipeline.tarshard import sha256_file
+from shardtools import parse_index
 
 REPO = Path(__file__).resolve().parents[1]
 FUZZ_N = int(os.environ.get("CCL_FUZZ_N", "24"))
@@ -213,7 +215,7 @@ def test_fuzzed_shards_never_take_the_run_down(sets, tmp_path, backend, ext):
 # Decoder crashes and hangs: isolated, the image skipped and named, the epoch goes on
 
 
-_REAL_DECODER = loader_mod._decoder
+_REAL_DECODER = decode_mod._decoder
 
 
 def _crashing_decoder(victim: bytes, how: str):
@@ -238,9 +240,9 @@ def test_decoder_crash_or_hang_costs_one_image(digits, monkeypatch, workers, how
     with open(ss.shards("test")[0], "rb") as f:
         f.seek(offset)
         victim = f.read(size)
-    monkeypatch.setattr(loader_mod, "_decoder", lambda: _crashing_decoder(victim, how))
+    monkeypatch.setattr(decode_mod, "_decoder", lambda: _crashing_decoder(victim, how))
     if how == "hang":  # long enough that a busy machine's scheduling pauses are not taken for a hang
-        monkeypatch.setattr(loader_mod, "DECODE_STALL_S", 10.0)
+        monkeypatch.setattr(decode_mod, "DECODE_STALL_S", 10.0)
 
     def epoch():
         loader = make_loader(ShardSet.open(digits), "test", batch_size=64, train=False, device="cpu",

@@ -13,7 +13,6 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -340,7 +339,8 @@ def test_sixteen_bit_pngs_are_stored_as_eight_bit(tmp_path):
 @pytest.mark.timeout(300)
 def test_check_refuses_a_sixteen_bit_png_in_the_shards(tmp_path):
     from ccl.pipeline.check import check
-    from ccl.pipeline.shards import ShardWriter, image_problem
+    from ccl.pipeline.imagecheck import image_problem
+    from ccl.pipeline.tarshard import ShardWriter
 
     for c in ("a", "b"):
         _images(tmp_path / "raw" / c, 3)

@@ -23,7 +23,9 @@ from PIL import Image
 from ccl.errors import UserError
 from ccl.pipeline.convert.source import stratified_holdout
 from ccl.pipeline.convert import ConvertOptions, convert, ensure_digits
-from ccl.pipeline.shards import ShardSet, ShardWriter, build_index, parse_index
+from ccl.pipeline.shards import ShardSet
+from ccl.pipeline.tarshard import ShardWriter, build_index
+from shardtools import parse_index
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -700,7 +702,7 @@ def _interlaced_png(w: int, h: int) -> bytes:
 def test_image_structure_check_accepts_what_the_decoders_read():
     import torchvision.io as tio
 
-    from ccl.pipeline.shards import image_problem
+    from ccl.pipeline.imagecheck import image_problem
 
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 255, (37, 53, 3), dtype=np.uint8)
@@ -726,7 +728,7 @@ def test_image_structure_check_accepts_what_the_decoders_read():
 
 
 def test_image_structure_check_refuses_what_crashes_or_confuses_decoders():
-    from ccl.pipeline.shards import image_problem
+    from ccl.pipeline.imagecheck import image_problem
 
     png = _png(Image.fromarray(np.random.default_rng(1).integers(0, 255, (16, 16, 3), dtype=np.uint8)))
     jpg = jpeg_bytes(3)

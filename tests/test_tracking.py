@@ -6,7 +6,6 @@ from __future__ import annotations
 import builtins
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from ccl.analysis import runs as R
 from ccl.train import tracking
 from ccl.train.config import TrainConfig
 from ccl.train.loop import train
+from ccl.train.metrics import DamagedLog
 
 
 @pytest.fixture(scope="module")
@@ -191,3 +191,34 @@ def test_runs_command_prints_and_writes_markdown_and_json(tb_run, tmp_path):
     assert "test_last10_mean" in out.read_text() and "1 runs, 1 groups" in r.output
     bad = CliRunner().invoke(app, ["runs", str(tmp_path / "missing")])
     assert bad.exit_code == 2 and "no such directory" in bad.output
+
+
+def test_runs_reads_metrics_through_metricslog_and_sets_a_damaged_run_aside(tmp_path):
+    """A torn last line is left out (a killed run still counts); a damaged line before others makes that run
+    unreadable: the listing goes on without it, with a warning line that names it."""
+    fake_run(tmp_path, "good", "ccl", "sym:0.4", 0, 80.0, 0.9)
+    torn = fake_run(tmp_path, "torn", "ccl", "sym:0.4", 1, 84.0, 0.8)
+    with open(torn / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "ens_to')
+    bad = fake_run(tmp_path, "bad", "ccl", "sym:0.4", 2, 10.0, 0.1)
+    lines = (bad / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (bad / "metrics.jsonl").write_text(lines[0] + "not json\n" + "".join(lines[2:]))
+    with pytest.raises(DamagedLog, match="line 2"):
+        R.read_run(bad)
+    records, unreadable = R.read_runs(R.find_runs([tmp_path]))
+    assert [r["run"] for r in records] == ["good", "torn"] and records[1]["epochs_done"] == 3
+    assert [d.name for d, _ in unreadable] == ["bad"] and "line 2 is not a JSON record" in unreadable[0][1]
+    from ccl.cli import app
+
+    r = CliRunner().invoke(app, ["runs", str(tmp_path), "--out", str(tmp_path / "cmp.md")])
+    assert r.exit_code == 0, r.output
+    assert f"warning: skipped {bad.resolve()}: unreadable" in r.output and "2 runs, 1 groups" in r.output
+    (row,) = json.loads((tmp_path / "cmp.json").read_text())
+    assert row["runs"] == ["good", "torn"] and row["value"][0] == 82.0
+    # Nothing readable: one line, exit 2.
+    only = tmp_path / "only"
+    (only / "bad").mkdir(parents=True)
+    for f in ("config.json", "metrics.jsonl"):
+        (only / "bad" / f).write_bytes((bad / f).read_bytes())
+    r = CliRunner().invoke(app, ["runs", str(only)])
+    assert r.exit_code == 2 and "none of the 1 runs" in r.output and "Traceback" not in r.output, r.output

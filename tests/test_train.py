@@ -12,7 +12,7 @@ import pytest
 from ccl.errors import UserError
 from ccl.train import loop
 from ccl.train.config import TrainConfig
-from ccl.train.loop import NonFiniteLoss, make_views, setup, train
+from ccl.train.loop import NonFiniteLoss, setup, train
 
 
 def small_cfg(data, out, **kw) -> TrainConfig:
@@ -34,7 +34,7 @@ def test_every_parameter_of_both_nets_gets_a_gradient(digits, tmp_path, schedule
     from ccl.pipeline.loader import make_loader
 
     batch = next(iter(make_loader(run.shards, "train", batch_size=32, train=True, device="cpu", num_workers=0)))
-    views = make_views(run.aug, batch.images, method.views(epoch=5), None)
+    views = run.aug.make_views(batch.images, method.views(epoch=5), None)
     for p in range(method.passes(epoch=5)):
         method.zero_grad()
         method(batch, views, 5, p).loss.backward()
@@ -174,7 +174,7 @@ def test_ablation_flags_reach_the_loss(digits, tmp_path):
     from ccl.pipeline.loader import make_loader
 
     batch = next(iter(make_loader(run.shards, "train", batch_size=16, train=True, device="cpu", num_workers=0)))
-    step = run.method(batch, make_views(run.aug, batch.images, ("weak", "strong"), None), 5)
+    step = run.method(batch, run.aug.make_views(batch.images, ("weak", "strong"), None), 5)
     out = dict(zip(step.names, step.logged.tolist()))
     assert out["cml_mean0"] == 0 and out["cml_mean1"] == 0
     assert out["cvl_mean0"] > 0  # the other half of Eq. 15 is still there

@@ -13,8 +13,8 @@ Items, in the order they run:
                       values and gradients, fp32/bf16/fp16, N = 128 and 4096
   augment_device      device augmentation (weak, strong and contrastive views): the same seed draws the same ops
                       and parameters on CUDA as on the CPU, and the views agree within AUG_FRAC_TOL / AUG_MEAN_TOL
-  train_amp           a few fp16 steps with the GradScaler for every method (ccl in both schedules) on tiny
-                      shards: finite losses, the scaler's state in the checkpoint
+  train_amp           a few fp16 steps with the GradScaler for every method of ccl.train.methods.METHODS (ccl in
+                      both schedules) on tiny shards: finite losses, the scaler's state in the checkpoint
   train_compile       the same with --compile
   resume_cpu          the ccl checkpoint written on the GPU resumes training, and evaluates, on the CPU
   bench_train         images/s, data-wait fraction and peak GPU memory of twin ResNet-50s at 224 px (batch 128,
@@ -70,14 +70,18 @@ _SETS_FULL = {
     "img224": (224, "jpg", 3072, 128),  # ResNet-50 throughput: 24 steps of 128 per epoch
 }
 
+# The training items' method specs: ALL_METHODS is every method of ccl.train.methods.METHODS (the one list of
+# method names, read in a child by `_method_specs`), then "ccl-alternate" (ccl under the alternate schedule).
+ALL_METHODS = "all"
+
 MODES = {
     "full": dict(
         budget_s=450,  # the driver's budget; the wrapper's installs (seconds) come on top, 8 minutes in all
         sets=_SETS_FULL,
         kernel_ns=(128, 4096), kernel_dtypes=("float32", "bfloat16", "float16"),
         aug_cases=(("cifar", 64, (32, 32), 32), ("imagenet", 16, (180, 240), 224)),  # style, N, input HxW, size
-        train_methods=("ce", "rolr", "tcl", "ccl", "ccl-alternate"),
-        compile_methods=("ce", "rolr", "tcl", "ccl", "ccl-alternate"),
+        train_methods=ALL_METHODS,
+        compile_methods=ALL_METHODS,
         steps_batch=32, steps_epochs=2, jobs_timeout_s=300,
         bench_kernel_ns=(128, 1024, 4096, 16384, 32768), bench_kernel_d=128,
         bench_train=(("resnet50", "img224", "joint"), ("resnet50", "img224", "alternate"),
@@ -92,7 +96,7 @@ MODES = {
         sets={"tiny32": _SETS_FULL["tiny32"], "cifar32": (32, "png", 5120, 256), "img224": (224, "jpg", 1536, 128)},
         kernel_ns=(128, 4096), kernel_dtypes=("float32", "float16"),  # fp16: the dtype of AMP on CUDA
         aug_cases=(("cifar", 64, (32, 32), 32), ("imagenet", 16, (180, 240), 224)),
-        train_methods=("ce", "rolr", "tcl", "ccl", "ccl-alternate"),
+        train_methods=ALL_METHODS,
         compile_methods=("ccl",),
         steps_batch=32, steps_epochs=2, jobs_timeout_s=150,
         bench_kernel_ns=(4096, 32768), bench_kernel_d=128,
@@ -107,7 +111,7 @@ MODES = {
         sets={"tiny32": (32, "png", 96, 32), "cifar32": (32, "png", 48, 16), "img224": (80, "jpg", 8, 8)},
         kernel_ns=(32, 128), kernel_dtypes=("float32", "bfloat16", "float16"),
         aug_cases=(("cifar", 16, (32, 32), 32), ("imagenet", 8, (60, 80), 64)),
-        train_methods=("ce", "rolr", "tcl", "ccl", "ccl-alternate"),
+        train_methods=ALL_METHODS,
         # torch.compile's graph capture and AOT autograd run for ccl; see SMOKE_COMPILE_BACKEND for the codegen.
         compile_methods=("ccl",),
         steps_batch=32, steps_epochs=2, jobs_timeout_s=240,
@@ -949,13 +953,28 @@ def _inspect(run: Run, paths: list[Path]) -> dict:
     return json.loads(out.read_text()) if out.is_file() else {}
 
 
+def _method_specs(run: Run, *lists) -> list[tuple[str, ...]]:
+    """Each list of method specs as given, ALL_METHODS as every method ccl trains: METHODS's names, read in a
+    CPU-only child (this process imports no ccl, so a broken install is a finding, not a crash), and ccl-alternate."""
+    if ALL_METHODS not in lists:
+        return [tuple(x) for x in lists]
+    code = "from ccl.train.methods import METHODS; print(*METHODS)"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=run.timeout(300),
+                       env=child_env(run.mode, cpu_only=True))
+    if p.returncode != 0 or not p.stdout.split():
+        raise RuntimeError(f"cannot read ccl's method names: {p.stderr.strip()[-1000:]}")
+    every = (*p.stdout.split(), "ccl-alternate")
+    return [every if x == ALL_METHODS else tuple(x) for x in lists]
+
+
 def item_train_steps(run: Run) -> dict:
     """train_amp, and train_compile's runs with it: all start together on the GPU (it has room for all of them),
     two at a time on the CPU. train_compile's result waits in `run.compile_result` for its own item."""
     t0 = time.monotonic()
     cfg, wanted = run.cfg, _wanted(run)
-    specs = [("amp", m) for m in cfg["train_methods"] if "train_amp" in wanted]
-    specs += [("compile", m) for m in cfg["compile_methods"] if "train_compile" in wanted]
+    train_methods, compile_methods = _method_specs(run, cfg["train_methods"], cfg["compile_methods"])
+    specs = [("amp", m) for m in train_methods if "train_amp" in wanted]
+    specs += [("compile", m) for m in compile_methods if "train_compile" in wanted]
     data = run.need_data("tiny32")["tiny32"]
     device = "cuda" if run.cuda else "cpu"
     n_compile = sum(kind == "compile" for kind, _ in specs)
@@ -993,10 +1012,10 @@ def item_train_steps(run: Run) -> dict:
                 skipped.append(f"Inductor code generation: smoke compiles with TORCH_COMPILE_OVERRIDE_BACKENDS="
                                f"'{SMOKE_COMPILE_BACKEND}' (Dynamo and AOT autograd without Inductor's ~90 s of "
                                f"C++ codegen for the CPU; CUDA runs Inductor and Triton)")
-            others = [m for m in cfg["train_methods"] if m not in cfg["compile_methods"]]
+            others = [m for m in train_methods if m not in compile_methods]
             if others:
                 skipped.append(f"--compile for {', '.join(others)}: {run.mode} mode compiles "
-                               f"{', '.join(cfg['compile_methods'])} only (the compiled modules are the networks, "
+                               f"{', '.join(compile_methods)} only (the compiled modules are the networks, "
                                f"which every method shares)")
         result = {"status": "failed" if problems else "passed", "skipped_parts": skipped,
                   "details": {"device": device, "data": str(data), "epochs": cfg["steps_epochs"], "warmup": 1,

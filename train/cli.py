@@ -4,6 +4,7 @@ assembles them with the other commands."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Optional
 
@@ -12,122 +13,81 @@ from rich.console import Console
 from rich.table import Table
 
 from ccl.errors import Interrupted
-from ccl.model import ARCHS
+from ccl.train import config
 from ccl.train.config import SECTIONS, TrainConfig, apply_overrides, load_config_file
-from ccl.train.methods import METHODS
 
 console = Console()
-
-_D = TrainConfig()  # the defaults shown in the help text
 
 
 def _section_help() -> str:
     lines = []
     for name, cls in SECTIONS.items():
-        fields = ", ".join(f"{f.name}={_fmt_default(getattr(cls(), f.name))}" for f in dataclasses.fields(cls))
+        fields = ", ".join(f"{f.name}={config.format_default(getattr(cls(), f.name))}" for f in dataclasses.fields(cls))
         lines.append(f"{name}: {fields}")
     return "; ".join(lines)
 
 
-def _fmt_default(v) -> str:
-    if dataclasses.is_dataclass(v):
-        return "none"
-    return str(v).lower() if isinstance(v, bool) or v is None else str(v)
+def _field_options() -> list[inspect.Parameter]:
+    """One option per TrainConfig field, made from the field: its name (--batch-size, --amp/--no-amp), type,
+    default (shown in --help unless it is None) and help (`ccl.train.config.help_text`)."""
+    params = []
+    for f, tp in config.options():
+        base, optional = config.base_type(tp)
+        if f.metadata.get("path"):
+            base = Path
+        default = None if optional else (Path(f.default) if base is Path else f.default)
+        option = typer.Option(default, config.cli_flag(f.name, tp), help=config.help_text(f),
+                              show_default=not optional)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=Optional[base] if optional else base))
+    return params
 
 
-def train_cmd(
-    ctx: typer.Context,
-    data: Optional[Path] = typer.Option(None, help="Shard directory from tools/shard.py. Default: the built-in "
-                                        "digits set with --noise/--noise-rate, built into ~/.cache/ccl on first use.",
-                                        show_default=False),
-    method: str = typer.Option(_D.method, help=f"{', '.join(METHODS)}."),
-    arch: str = typer.Option(_D.arch, help=f"auto, {', '.join(ARCHS)}; auto takes the paper's choice for the "
-                             "dataset."),
-    epochs: int = typer.Option(_D.epochs, help="Epochs in all, warm-up included."),
-    warmup: Optional[int] = typer.Option(None, help="Warm-up epochs of plain CE. Default: the method's ("
-                                         + ", ".join(f"{n} {m.default_warmup}" for n, m in METHODS.items()) + ").",
-                                         show_default=False),
-    batch_size: int = typer.Option(_D.batch_size, help="Batch size."),
-    optimizer: str = typer.Option(_D.optimizer, help="adam (the CCL paper's) or sgd (RoLR's, DivideMix's and "
-                                  "TCL's code; their recipes set it)."),
-    lr: float = typer.Option(_D.lr, help="Learning rate."),
-    momentum: float = typer.Option(_D.momentum, help="SGD momentum (Adam keeps its betas 0.9, 0.999)."),
-    weight_decay: float = typer.Option(_D.weight_decay, help="Weight decay (coupled L2, as torch applies it)."),
-    cosine: bool = typer.Option(_D.cosine, "--cosine/--no-cosine", help="Cosine lr decay over the run, per epoch."),
-    lr_ramp: int = typer.Option(_D.lr_ramp, help="Epochs of linear lr ramp-up at the start (TCL's code)."),
-    lr_floor: float = typer.Option(_D.lr_floor, help="Where the cosine ends, as a fraction of --lr."),
-    lr_decay_epoch: Optional[int] = typer.Option(None, help="From this epoch on (counted from 0, warm-up "
-                                                 "included) the lr is multiplied by --lr-decay. Default: never.",
-                                                 show_default=False),
-    lr_decay: float = typer.Option(_D.lr_decay, help="The factor of that step."),
-    schedule: str = typer.Option(_D.schedule, help="Twin schedule: alternate (the paper's: one net trains, the peer "
-                                 "is fixed, then the reverse) or joint."),
-    confidence: str = typer.Option(_D.confidence, help="Label confidence from a full pass over the training set "
-                                   "after each epoch, or inline from the epoch's own steps."),
-    kernel: str = typer.Option(_D.kernel, help="Contrastive kernel: auto, reference, torch or triton."),
-    set_: Optional[list[str]] = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
-                                             help="A method setting, repeatable, e.g. --set ccl.tau=0.3. "
-                                             f"Sections and defaults: {_section_help()}.", show_default=False),
-    ablate: Optional[str] = typer.Option(None, metavar="PARTS", help="CCL's ablations of Table 7, comma-separated: "
-                                         "mimicry, threshold, refurbished, cvl, cml (e.g. --ablate mimicry,cml).",
-                                         show_default=False),
-    num_classes: Optional[int] = typer.Option(None, help="Expected class count; checked against the manifest.",
-                                              show_default=False),
-    noise: str = typer.Option(_D.noise, help="Built-in digits only: the noise type (see tools/shard.py --help)."),
-    noise_rate: float = typer.Option(_D.noise_rate, help="Built-in digits only."),
-    backend: str = typer.Option(_D.backend, help="Loader: torch or dali."),
-    workers: int = typer.Option(_D.workers, help="Loader workers."),
-    amp: bool = typer.Option(_D.amp, "--amp/--no-amp", help="Mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA."),
-    compile: bool = typer.Option(_D.compile, "--compile/--no-compile", help="torch.compile the networks."),
-    device: str = typer.Option(_D.device, help="auto, cpu, cuda or cuda:N."),
-    seed: int = typer.Option(_D.seed, help="Seed of init, order, augmentation (and the digits noise)."),
-    val_fraction: float = typer.Option(_D.val_fraction, help="Hold out this fraction of the (noisy) training set "
-                                       "and choose best.pt on it; 0: no best.pt. The test split never picks."),
-    patience: int = typer.Option(_D.patience, help="Stop when the held-out accuracy has not improved for this many "
-                                 "epochs after warm-up (needs --val-fraction); 0: run every epoch."),
-    out: Path = typer.Option(Path(_D.out), help="Parent of the run directory."),
-    name: Optional[str] = typer.Option(None, help="Run name. Default: DATASET-METHOD-sSEED, numbered if taken.",
-                                       show_default=False),
-    dist_backend: str = typer.Option(_D.dist_backend, help="Under torchrun: the process group's backend: auto "
-                                     "(nccl on CUDA, gloo on CPU), nccl or gloo."),
-    sync_bn: bool = typer.Option(_D.sync_bn, "--sync-bn/--no-sync-bn", help="Under torchrun: SyncBatchNorm, "
-                                 "batch statistics over every process's batch (CUDA only)."),
-    log_every: int = typer.Option(_D.log_every, help="Steps between reads of the logged losses (one host sync each)."),
-    logger: str = typer.Option(_D.logger, help="Live curves: none, tensorboard (RUN/tensorboard) or wandb (offline "
-                               "unless WANDB_MODE or wandb's settings say otherwise); pip install 'ccl[NAME]'."),
-    eval_every: int = typer.Option(_D.eval_every, help="Epochs between test evaluations (and the last epoch)."),
-    track_every: int = typer.Option(_D.track_every, help="Epochs between logging M_embed, M_logit and the variance "
-                                    "entropy (ccl analyze's measures) on a fixed test subset; 0: off."),
-    track_samples: int = typer.Option(_D.track_samples, help="Size of that test subset."),
-    recipe: Optional[str] = typer.Option(None, help="A published setting to start from (`ccl recipes` lists them); "
-                                         "options given here override it.", show_default=False),
-    config: Optional[Path] = typer.Option(None, help="JSON file of options (method sections as nested objects); "
-                                          "options given here override it and the recipe.", show_default=False),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run from its checkpoints/last.pt, with its own options."),
-    allow_changes: bool = typer.Option(False, "--allow-changes", help="With --resume: accept options that change the run (lr, seed, "
-                                       "batch size, ...); they are recorded in config.json."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start a named run over, discarding its checkpoints."),
-    strict: bool = typer.Option(_D.strict, "--strict/--no-strict", help="A corrupt image is an error instead of "
-                                "skipped and counted."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
-):
+def _command_options() -> list[inspect.Parameter]:
+    """The options of the command itself, which say where the values come from and what to do with the run."""
+    ablations = ", ".join(config.ABLATIONS)
+    options = {
+        "set_": (Optional[list[str]], typer.Option(
+            None, "--set", metavar="SECTION.KEY=VALUE", show_default=False,
+            help=f"A method setting, repeatable, e.g. --set ccl.tau=0.3. Sections and defaults: {_section_help()}.")),
+        "ablate": (Optional[str], typer.Option(
+            None, metavar="PARTS", show_default=False,
+            help=f"CCL's ablations of Table 7, comma-separated: {ablations} (e.g. --ablate mimicry,cml).")),
+        "config": (Optional[Path], typer.Option(
+            None, show_default=False,
+            help="JSON file of options (method sections as nested objects); options given here override it and the "
+            "recipe.")),
+        "resume": (bool, typer.Option(False, "--resume", help="Continue the run from its checkpoints/last.pt, with "
+                                      "its own options.")),
+        "allow_changes": (bool, typer.Option(False, "--allow-changes", help="With --resume: accept options that "
+                                             "change the run (lr, seed, batch size, ...); they are recorded in "
+                                             "config.json.")),
+        "overwrite": (bool, typer.Option(False, "--overwrite", help="Start a named run over, discarding its "
+                                         "checkpoints.")),
+        "quiet": (bool, typer.Option(False, "--quiet", help="No progress bars.")),
+    }
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=tp)
+            for name, (tp, option) in options.items()]
+
+
+def train_cmd(ctx: typer.Context, **params):
     """Train a model on noisy labels and write runs/NAME (config, metrics.jsonl, checkpoints, summary)."""
-    params = dict(locals())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     # Only what the user typed overrides a config file or, on --resume, the run's own config.
     explicit = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.items()
                 if k in fields and _typed(ctx, k)}
+    recipe, set_, ablate = params["recipe"], params["set_"], params["ablate"]
     values = {}
     if recipe is not None:
         from ccl.train import recipes
 
         values = _merge(recipes.load(recipe)["config"], {"recipe": recipe})
-    if config:
-        values = _merge(values, load_config_file(config))
+    if params["config"]:
+        values = _merge(values, load_config_file(params["config"]))
     values = apply_overrides(_merge(values, explicit), list(set_ or []))
     if ablate is not None:
         values.setdefault("ccl", {})["ablations"] = ablate
-    if resume:
+    if params["resume"]:
         from ccl.train.loop import saved_config
 
         base = saved_config(TrainConfig.from_dict(values))
@@ -136,10 +96,17 @@ def train_cmd(
     from ccl.train.loop import train as run_train
 
     try:
-        summary = run_train(cfg, resume=resume, overwrite=overwrite, allow_changes=allow_changes, progress=not quiet)
+        summary = run_train(cfg, resume=params["resume"], overwrite=params["overwrite"],
+                            allow_changes=params["allow_changes"], progress=not params["quiet"])
     except KeyboardInterrupt:
         raise Interrupted("interrupted; the last completed epoch's checkpoint is kept (continue with --resume)") from None
     _print_summary(summary)
+
+
+# The command's options: one per config field, then its own. Typer reads them from the signature.
+train_cmd.__signature__ = inspect.Signature([
+    inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+    *_field_options(), *_command_options()])
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -18,6 +19,16 @@ from pathlib import Path
 import torch
 
 from ccl.train import dist
+
+
+def git_sha() -> str | None:
+    """The commit of the checkout ccl runs from, or None (an installed copy, no git)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def package_version(*names: str, prefix: str | None = None) -> str | None:

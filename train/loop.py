@@ -1,20 +1,20 @@
 """The one training loop, a generic driver: data -> device views -> the method's step -> one optimiser; per epoch
 the method's refresh (GMM, centres), evaluation, metrics and the checkpoint.
 
-It knows nothing of a method's nets or label confidence: a method supplies its step and state through the
-interface in `ccl.train.methods.base`. The step's logged parts stay on the device; the host reads them once per
+It knows nothing of a method's nets or label confidence: a method supplies its step, its samplers and its
+per-sample state (kept across ranks by its `begin_epoch` / `end_epoch`) through the interface in
+`ccl.train.methods.base`; the loop reads `method.active` to point its samplers at the trained samples. The
+step's logged parts stay on the device; the host reads them once per
 `log_every` steps and once at the end of each epoch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
 import random
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -28,21 +28,24 @@ from ccl.errors import Stop, UserError
 from ccl.model import ARCHS, auto_arch, eval_mode, memory_format
 from ccl.pipeline.augment import Augment
 from ccl.pipeline.batch import Batch
-from ccl.pipeline.loader import cat_batches, make_loader
-from ccl.pipeline.shards import Damaged, ShardSet, write_json_atomic
+from ccl.pipeline.loader import make_loader
+from ccl.pipeline.plan import cat_batches
+from ccl.pipeline.scan import Damaged
+from ccl.pipeline.shards import ShardSet
 from ccl import files
+from ccl.progress import bar as progress_bar
 from ccl.train import checkpoint as ckpt
 from ccl.train import dist, rundir
-from ccl.train.config import TrainConfig
-from ccl.train.environment import environment, record_resume
+from ccl.train.config import TrainConfig, free_on_resume
+from ccl.train.environment import environment, git_sha, record_resume
 from ccl.train.methods import Method, Rng, build_method
 from ccl.train.metrics import Accuracy, DeviceMeter, MetricsLog, summarize
 from ccl.train.tracking import NullLogger, global_step, make_logger
 
 # Options a `--resume` may change freely: they do not change what the run computes (or, for epochs, only how long
-# it goes on). Any other change is refused unless asked for (`allow_changes`), and then recorded in config.json.
-FREE_ON_RESUME = ("epochs", "patience", "workers", "out", "name", "eval_every", "log_every", "device", "backend", "compile",
-                  "strict", "dist_backend", "logger")
+# it goes on); each field says so (`opt(..., free=True)` in ccl.train.config). Any other change is refused unless
+# asked for (`allow_changes`), and then recorded in config.json.
+FREE_ON_RESUME = free_on_resume()
 
 
 class NonFiniteLoss(Stop):
@@ -121,15 +124,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 @dataclass
 class Run:
     """Everything a run is built from; made once by ``setup`` and used by train(), evaluate() and restore()."""
@@ -180,19 +174,6 @@ def held_out(num_train: int, fraction: float, seed: int) -> np.ndarray:
     val = np.zeros(num_train, dtype=bool)
     val[np.random.default_rng([seed, 0x5A1]).permutation(num_train)[: int(round(fraction * num_train))]] = True
     return val
-
-
-def make_views(aug: Augment, images: torch.Tensor, names: tuple[str, ...], generator) -> tuple[torch.Tensor, ...]:
-    """The views a step asked for, in its order, from one uint8 batch."""
-    n_strong = len(names) - 1
-    if names == ("weak",) + ("strong",) * n_strong:  # the common case: one uint8 -> float conversion
-        if not n_strong:
-            return (aug.weak(images, generator=generator),)
-        weak, strongs = aug.views(images, n_strong, generator=generator)
-        return (weak, *strongs)
-    # Anything else, repeated names included (DivideMix's two weak views), draws each view on its own.
-    makers = {"weak": aug.weak, "strong": aug.strong, "contrastive": getattr(aug, "contrastive", None)}
-    return tuple(makers[n](images, generator=generator) for n in names)
 
 
 class _JoinedStreams:
@@ -250,9 +231,8 @@ def pass_batches(run: Run, loader, epoch: int, p: int, passes: int):
 
 def ordered_views(run: Run, loader, view: str, generator) -> Iterator[tuple[Batch, torch.Tensor]]:
     """The training split in index order as one view: what a method's refresh reads."""
-    make = {"strong": run.aug.strong, "weak": run.aug.weak}.get(view)
     for batch in loader:
-        yield batch, (make(batch.images, generator=generator) if make else run.aug.eval_view(batch.images))
+        yield batch, run.aug.make_views(batch.images, (view,), generator)[0]
 
 
 @torch.no_grad()
@@ -297,7 +277,7 @@ def train_epoch(run: Run, opt, scaler, ctx, rng: Rng, loader, epoch: int, bar, r
             wait += time.perf_counter() - tw
             if batch is None:
                 break
-            views = make_views(run.aug, batch.images, names, rng.device)
+            views = run.aug.make_views(batch.images, names, rng.device)
             with ctx:
                 step = model(batch, views, epoch, p, rng)
             opt.zero_grad(set_to_none=True)  # a net that did not learn this pass keeps grad None: opt skips it
@@ -407,7 +387,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
     # Model selection never looks at the test split: best.pt is chosen on a held-out part of the training set.
     val = held_out(run.identity["num_train"], cfg.val_fraction, cfg.seed)
     fit = np.flatnonzero(~val) if val.any() else None
-    method.active.copy_(torch.from_numpy(~val))  # the confidence (GMM) is fitted on the samples it trains on
+    method.hold_out(torch.from_numpy(val))  # the confidence (GMM) is fitted on the samples it trains on
     train_loader = _loader(run, "train", train=True, subset=fit)
     test_loader = _loader(run, "test", train=False)
     train_in_order = _loader(run, "train", train=False, subset=fit)
@@ -425,7 +405,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
     def refresh_confidence(view: str) -> float:
         """The method's refresh (GMM, centres) from a pass over the training set in `view`; its seconds."""
         te = time.perf_counter()
-        batches = () if view == "inline" else ordered_views(run, train_in_order, view, rng.device)
+        batches = None if view == "inline" else ordered_views(run, train_in_order, view, rng.device)
         with ctx:
             method.refresh(batches)
         dist.assert_same("w", method.w)
@@ -436,12 +416,12 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
         if view is not None:
             refresh_confidence(view)
 
-    bar = _progress(progress)
+    bar = progress_bar(progress, remaining=True)
     with bar:
         for epoch in range(start, cfg.epochs):
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            dist.clear_owned_(method.sample_loss)  # each rank fills its own samples' losses; merged below
+            method.begin_epoch()
             try:
                 ep = train_epoch(run, opt, scaler, ctx, rng, train_loader, epoch, bar, refresh_confidence)
             except NonFiniteLoss as e:
@@ -449,10 +429,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
                         else "no checkpoint was written before it")
                 raise NonFiniteLoss(f"{e}; {kept}") from None
 
-            dist.merge_owned_(method.sample_loss)
-            if not cfg.sync_bn:
-                trained = {k for p in range(method.passes(epoch)) for k in method.training_nets(epoch, p)}
-                dist.average_bn_stats(method.nets, trained)
+            method.end_epoch(epoch)
             est_time = ep["estimate_time"]
             view = method.refresh_view(epoch)
             if view is not None:
@@ -597,28 +574,6 @@ def _saved_config(cfg: TrainConfig) -> dict:
         raise UserError(f"cannot read {run_dir / 'config.json'}: the run to resume has no readable config") from None
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), transient=True)
-
-
-class _NoProgress(contextlib.nullcontext):
-    """The progress bar's interface, doing nothing (tests, table runs)."""
-
-    def add_task(self, *a, **k):
-        return 0
-
-    def update(self, *a, **k):
-        pass
-
-    def remove_task(self, *a, **k):
-        pass
-
-
 def _epoch_line(r: dict) -> str:
     parts = [f"epoch {r['epoch'] + 1}"]
     if "ens_top1" in r:
@@ -645,7 +600,7 @@ def report_skipped(run_dir: Path, loaders, main: bool, show: int = 5) -> list[st
     rows = sorted({Damaged(*r) for part in dist.gather_objects(mine) for r in part})  # by split, then index
     if not main or not rows:
         return []
-    write_json_atomic(run_dir / SKIPPED_REPORT, [r._asdict() for r in rows])
+    files.write_json(run_dir / SKIPPED_REPORT, [r._asdict() for r in rows], indent=1)
     lines = [f"  skipped {r.split} sample {r.index} ({r.shard}): {r.reason}" for r in rows[:show]]
     if len(rows) > show:
         lines.append(f"  ... {len(rows) - show} more")

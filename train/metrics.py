@@ -82,6 +82,12 @@ class DeviceMeter:
         return {name: totals[name] / counts[name] for name in totals}, bool(flat[-1])
 
 
+class DamagedLog(UserError):
+    """metrics.jsonl has a line that is not an epoch record, other than a torn last line (changed by hand, or
+    damaged): the run's history cannot be trusted. A `UserError`, so training stops with one line; `ccl runs` sets
+    such a run aside."""
+
+
 class MetricsLog:
     """metrics.jsonl in the run directory; one record appended per epoch.
 
@@ -107,11 +113,11 @@ class MetricsLog:
                     record = json.loads(line)
                 except ValueError:
                     if data[end + 1 :].strip():
-                        raise UserError(f"{self.path}: line {data.count(NL, 0, pos) + 1} is not a JSON record; "
-                                        "the file was changed by hand or is damaged") from None
+                        raise DamagedLog(f"{self.path}: line {data.count(NL, 0, pos) + 1} is not a JSON record; "
+                                         "the file was changed by hand or is damaged") from None
                     break  # the last line, torn (bytes lost mid-line): not a record
                 if not isinstance(record, dict) or not isinstance(record.get("epoch"), int):
-                    raise UserError(f"{self.path}: line {data.count(NL, 0, pos) + 1} is not an epoch record")
+                    raise DamagedLog(f"{self.path}: line {data.count(NL, 0, pos) + 1} is not an epoch record")
                 out.append((record, end + 1))
             pos = end + 1
         return out

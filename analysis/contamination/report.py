@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ccl.errors import UserError
+from ccl.progress import bar as progress_bar
 from ccl import contamination as M
 from ccl.analysis.contamination import plots
 from ccl.train.track import SPACES, forward_arrays
@@ -291,7 +292,7 @@ def analyze(runs: list[str | Path], out: str | Path, settings: Settings = Settin
         raise UserError(f"taxonomy file not found: {s.taxonomy}")
     out = Path(out)
     records, figures = [], []
-    with _progress(progress, console) as bar:
+    with progress_bar(progress, console=console) as bar:
         for r in run_dirs:
             rec, fig = analyze_run(r, s, bar if progress else None)
             records.append(rec)
@@ -380,14 +381,3 @@ def _num(v, digits: int = 3) -> str:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
     return f"{v:.{digits}f}"
-
-
-def _progress(enabled: bool, console=None):
-    import contextlib
-
-    if not enabled:
-        return contextlib.nullcontext()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    return Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), transient=True, console=console)

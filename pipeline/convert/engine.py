@@ -40,8 +40,11 @@ from ccl.pipeline.convert.source import (
     MAX_IMAGE_BYTES, SPLIT_SEED, ConvertOptions, Item, NotAnImage, Source, read_image_file,
 )  # fmt: skip
 from ccl.pipeline.convert.webvision import read_webvision
-from ccl.pipeline.progress import Bars
-from ccl.pipeline.shards import FORMAT_VERSION, MANIFEST, ShardWriter, die_with_parent, image_problem, write_json_atomic
+from ccl.progress import Bars
+from ccl.pipeline.imagecheck import image_problem
+from ccl.pipeline.manifest import FORMAT_VERSION, MANIFEST
+from ccl.pipeline.procs import die_with_parent
+from ccl.pipeline.tarshard import ShardWriter
 
 FEATURE_SIZE = 32  # instance noise: images are compared as 32x32 RGB (CIFAR's own size)
 CHUNK = 64  # items per worker task
@@ -421,7 +424,7 @@ def convert(fmt: str, src, out, opts: ConvertOptions = ConvertOptions(), log: Ca
     if wrong:  # what we write must be what every reader accepts
         raise ValueError(f"the converter built a manifest its own schema refuses: {'; '.join(wrong)}")
     try:
-        write_json_atomic(out / MANIFEST, manifest)
+        files.write_json(out / MANIFEST, manifest, indent=1)
     except UserError:
         _clean_out(out)
         raise

@@ -345,17 +345,6 @@ def tcl_cross_supervision(logits1: torch.Tensor, logits2: torch.Tensor, w, label
     return soft_ce(l1, t2) + soft_ce(l2, t1)
 
 
-def tcl_entropy_reg(logits: torch.Tensor) -> torch.Tensor:
-    """TCL's L_reg = -H(mean_i p_i) + mean_i H(p_i), scalar: the first term keeps the batch from collapsing onto one
-    class, the second makes each prediction confident. The official code applies it to the classifier logits of
-    both strong views and of the mixed batch, concatenated."""
-    logp = F.log_softmax(_logits("logits", logits), dim=-1)  # [N, C]
-    mean_h = -(logp.exp() * logp).sum(-1).mean()
-    log_pbar = torch.logsumexp(logp, dim=0) - math.log(logp.shape[0])  # [C]
-    h_mean = -(log_pbar.exp() * log_pbar).sum()
-    return mean_h - h_mean
-
-
 def tcl_align_target(w, labels: torch.Tensor, probs1: torch.Tensor, probs2: torch.Tensor, *,
                      scale: float = 1.0) -> torch.Tensor:
     """The unmixed target of TCL's mixup alignment, w y^ + (1 - w) (p1 + p2) / 2 ([N, C], detached), where p1, p2
@@ -371,11 +360,3 @@ def tcl_cluster_logits(z: torch.Tensor, centres: torch.Tensor, temp: float = 0.2
     estimation, `ccl.train.losses.confidence.tcl_centres`) are a fixed buffer, so detached. The official code uses the
     contrastive temperature here."""
     return _f(z) @ _f(centres.detach()).T / temp
-
-
-def tcl_mixup_align(logits_mix: torch.Tensor, cluster_logits_mix: torch.Tensor,
-                    target_mix: torch.Tensor) -> torch.Tensor:
-    """TCL's mixup terms, scalar: mean CE(g(x_mix), t_mix) + mean CE(p(z | x_mix), t_mix), the classifier and the
-    cluster posterior (`tcl_cluster_logits` of the mixed embeddings) both fitted to the mixed targets
-    (`tcl_align_target`, mixed like the images)."""
-    return soft_ce(logits_mix, target_mix).mean() + soft_ce(cluster_logits_mix, target_mix).mean()

@@ -25,8 +25,7 @@ from ccl.train.losses.confidence import TCL_GMM, gmm_confidence, tcl_clean_score
 def tcl_entropy_terms(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """TCL's two regularisers, kept apart because the code weighs them apart (tcl_wrapper.py l.79-84,
     tcl.py l.80-84): ent = mean_i H(p_i) (each prediction confident) and ne = sum_c pbar_c log pbar_c = -H(pbar)
-    (the batch-mean prediction spread over the classes). ent + ne is `ccl.train.losses.tcl_entropy_reg`.
-    Scalars; the batch mean is taken in log space."""
+    (the batch-mean prediction spread over the classes). Scalars; the batch mean is taken in log space."""
     logp = F.log_softmax(_logits("logits", logits), dim=-1)  # [N, C]
     ent = -(logp.exp() * logp).sum(-1).mean()
     log_pbar = torch.logsumexp(logp, dim=0) - math.log(logp.shape[0])  # [C]

@@ -1,6 +1,7 @@
 """Methods: each one file, driven by the one loop in ccl.train.loop through the interface in `base`.
 
-METHODS is the one list of method names: the config, the CLI and the recipes take theirs from it.
+METHODS is the one list of method names: the config's check and `ccl train --method`'s help (the field's
+choices in ccl.train.config), the recipes (checked by that config) and tools/gpu_check.py take theirs from it.
 """
 
 from __future__ import annotations

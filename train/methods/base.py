@@ -14,11 +14,16 @@ and MoCo v3's modules do. The loop (ccl.train.loop) drives any method through th
     refresh_between(epoch, pass)  after a pass that is not the epoch's last: None, or the view of a refresh then
     initial_refresh_view()        before the first epoch: None, or the view of a refresh from the initial nets
     refresh(batches)              refresh the label confidence (GMM) or TCL's centres from (batch, view) pairs
+    hold_out(mask)                once, before training: the samples held out for validation (never trained on)
+    begin_epoch()                 before an epoch's steps, and end_epoch(epoch) after them: the method's
+                                  per-sample state and BatchNorm statistics across ranks (under torchrun)
     eval_logits(x)                logits of each net and of the ensemble
     detection(noisy, clean)       how well the label confidence finds the clean labels, when they are known
 
 The loop owns data, views, precision, the one optimiser, evaluation, checkpoints and logging; it knows nothing of
-how many nets a method has or what its confidence is. A new method is one file and one registry line.
+how many nets a method has or what its confidence is. Two things it does read: `active` (which samples its
+samplers draw from) and `w` (checked equal on every rank after a refresh). A new method is one file and one
+registry line.
 """
 
 from __future__ import annotations
@@ -105,6 +110,24 @@ class Method(nn.Module):
         # The samples the method trains on (False: held out for validation); confidence is fitted on these alone.
         self.register_buffer("active", torch.ones(num_train, dtype=torch.bool))
 
+    # -- per-sample state around an epoch ------------------------------------------------------------------------
+    def hold_out(self, held: torch.Tensor) -> None:
+        """The samples (bool [num_train]) held out for validation: never trained on, and left out of the GMM."""
+        self.active.copy_(~held)
+
+    def begin_epoch(self) -> None:
+        """Each rank records the losses of its own samples during the epoch (`record_loss`): the others' are
+        cleared here, so that `end_epoch` can sum them over ranks."""
+        dist.clear_owned_(self.sample_loss)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Every rank gets every sample's recorded loss, and the BatchNorm running statistics of the nets that
+        trained this epoch are averaged over ranks (SyncBatchNorm keeps them equal by itself)."""
+        dist.merge_owned_(self.sample_loss)
+        if not self.cfg.sync_bn:
+            trained = {k for p in range(self.passes(epoch)) for k in self.training_nets(epoch, p)}
+            dist.average_bn_stats(self.nets, trained)
+
     # -- schedule ---------------------------------------------------------------------------------------------
     def warming_up(self, epoch: int) -> bool:
         return epoch < self.warmup
@@ -166,18 +189,18 @@ class Method(nn.Module):
         return None
 
     @torch.no_grad()
-    def refresh(self, batches: Iterable[tuple[Batch, torch.Tensor]]) -> None:
-        """Refresh ``w``: each net's per-sample CE of the noisy label over ``batches`` in eval mode (none for the
+    def refresh(self, batches: Iterable[tuple[Batch, torch.Tensor]] | None) -> None:
+        """Refresh ``w``: each net's per-sample CE of the noisy label over ``batches`` in eval mode (None for the
         inline estimate, which uses the losses the epoch's steps recorded), then the GMM.
 
         Under torchrun each rank's pass reads its own part of the training set: the losses of the others' samples
         are zeroed first and summed over ranks after, so every rank fits the GMM on the whole set. (The inline
         losses were merged by the loop already.)"""
-        full_pass = batches != ()  # the loop hands () for the inline estimate
+        full_pass = batches is not None
         if full_pass:
             dist.clear_owned_(self.sample_loss)
         with eval_mode(self.nets):
-            for batch, x in batches:
+            for batch, x in batches or ():
                 for k, net in enumerate(self.nets):
                     self.record_loss(k, batch.index, losses.ce(net(x)[0].float(), batch.label))
         if full_pass:

@@ -1,0 +1,271 @@
+"""Decoding shard images to uint8 CHW tensors, and `IsolatedDecoder`: the child process that decodes so that a
+crash or a hang on one image kills only the child (the image is skipped and reported, a new child takes the rest
+of the batch)."""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import signal
+import warnings
+
+import numpy as np
+import torch
+
+from ccl.errors import UserError
+from ccl.pipeline.imagecheck import image_problem
+from ccl.pipeline.procs import die_with_parent
+
+DECODE_STALL_S = 60.0  # a decoder child that makes no progress on one image for this long is killed (a hang)
+START_TIMEOUT_S = 300.0  # a decoder child that has not begun its first image by then is a broken setup
+VARIABLE_LOAD_SIZE = 224  # default load size for sets whose images differ in size (ImageNet-style)
+EVAL_RESIZE_RATIO = 256 / 224  # short side resized to load * ratio before the centre crop (the 256 -> 224 rule)
+
+
+def resolve_load_size(image_size, load_size) -> tuple[tuple[int, int], bool]:
+    """((H, W), variable): the decoded size and whether the set's images vary in size (manifest size null)."""
+    variable = image_size is None
+    if load_size is None:
+        load_size = VARIABLE_LOAD_SIZE if variable else image_size
+    hw = (int(load_size), int(load_size)) if isinstance(load_size, (int, np.integer)) else tuple(int(v) for v in load_size)
+    if len(hw) != 2 or min(hw) < 1:
+        raise UserError(f"load_size must be a positive int or (height, width), got {load_size!r}")
+    return hw, variable
+
+
+def short_side(hw: tuple[int, int]) -> int:
+    """Short side to resize variable-size images to before the centre crop to `hw` (256 for 224)."""
+    return round(max(hw) * EVAL_RESIZE_RATIO)
+
+
+def _decoder():
+    """torchvision's decoder (about 3x faster than PIL on small PNGs); PIL where torchvision no longer has one
+    (torchvision 0.29 deprecated its image decoders in favour of TorchCodec)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_image
+    except ImportError:
+        decode_image = None
+    if decode_image is not None:
+        def tv_decode(data: bytes) -> torch.Tensor:
+            # bytearray: torch.frombuffer wants a writable buffer; the copy is a few KB.
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
+        return tv_decode
+
+    from PIL import Image
+
+    def pil_decode(data: bytes) -> torch.Tensor:
+        with Image.open(io.BytesIO(data)) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+
+    return pil_decode
+
+
+def decode_to(data: bytes, hw: tuple[int, int], variable: bool, decode=None) -> torch.Tensor:
+    """Encoded JPEG/PNG bytes -> uint8 [3, H, W] of size `hw`.
+
+    Variable-size sets: short side resized to `short_side(hw)`, then centre-cropped, so aspect is kept.
+    Fixed-size sets: an image of another size (only when load_size differs from the set's) is resized to hw.
+    Raises one of DECODE_ERRORS when the bytes do not decode.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    img = (decode or _decoder())(data)  # [3, h, w]
+    if tuple(img.shape[1:]) == hw:
+        return img
+    if variable:
+        img = TF.resize(img, short_side(hw), antialias=True)
+        return TF.center_crop(img, list(hw))
+    return TF.resize(img, list(hw), antialias=True)
+
+
+# torchvision raises RuntimeError on bad bytes; PIL raises OSError (UnidentifiedImageError) or ValueError.
+DECODE_ERRORS = (RuntimeError, OSError, ValueError)
+
+
+def decode_items(items, paths, hw, variable, validate, out: torch.Tensor, start: int, progress=None,
+                  fds: dict | None = None, decode=None) -> list[tuple[int, str]]:
+    """Read and decode items[start:] = (shard, offset, size) into out[j] ([N, 3, H, W] uint8); returns the
+    (position, reason) of the images that failed. `progress` (8 shared bytes), if given, holds the position
+    being decoded, so that whoever watches this process knows which image it died on."""
+    fds = {} if fds is None else fds
+    decode = decode or _decoder()
+    failed = []
+    with warnings.catch_warnings():
+        # torchvision 0.29 warns on every decode call that its decoders are deprecated; once is plenty.
+        warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
+        for j in range(start, len(items)):
+            if progress is not None:
+                progress[:8] = j.to_bytes(8, "little", signed=True)
+            s, off, size = items[j]
+            try:
+                fd = fds.get(s)
+                if fd is None:
+                    fd = fds[s] = os.open(paths[s], os.O_RDONLY)
+                data = os.pread(fd, size, off)
+                if len(data) != size:
+                    raise OSError(f"read {len(data)} of {size} bytes (the shard shrank?)")
+                why = image_problem(data) if validate else None
+                if why is not None:
+                    failed.append((j, why))
+                    continue
+                out[j] = decode_to(data, hw, variable, decode)
+            except DECODE_ERRORS as e:
+                failed.append((j, f"{type(e).__name__}: {e}"))
+    return failed
+
+
+def _child_main(conn, paths, hw, variable, validate, buf, progress, parent: int) -> None:
+    """The decoder child: serves (start, items) requests until told to stop or its parent dies."""
+    die_with_parent(parent)
+    # A DataLoader worker's fatal-signal handlers print "Unexpected segmentation fault encountered in worker":
+    # here a crash is expected and handled by the parent, so the child just dies.
+    for sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL):
+        signal.signal(sig, signal.SIG_DFL)
+    torch.set_num_threads(1)  # one image at a time; and a forked intra-op pool is not safe to use
+    # Through numpy: a tensor made by torch.frombuffer over an mmap copies about 100x slower.
+    view = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
+    fds: dict[int, int] = {}
+    decode = _decoder()
+    h, w = hw
+    while True:
+        try:
+            req = conn.recv()
+        except (EOFError, OSError):
+            return
+        if req is None:
+            return
+        start, items = req
+        out = view[: len(items) * 3 * h * w].view(len(items), 3, h, w)
+        conn.send(("done", decode_items(items, paths, hw, variable, validate, out, start, progress, fds, decode)))
+
+
+class IsolatedDecoder:
+    """Decodes batches in a forked child process, into shared memory. A crash (or a hang) costs the image it
+    happened on, never the caller: the child is replaced and the rest of the batch goes on.
+
+    Forked with os.fork, not multiprocessing: DataLoader workers are daemonic, and multiprocessing refuses
+    children of daemons. The child gets SIGKILL when its parent dies (die_with_parent)."""
+
+    def __init__(self, paths: list[str], hw: tuple[int, int], variable: bool, validate: bool, max_batch: int):
+        self.paths, self.hw, self.variable, self.validate = paths, hw, variable, validate
+        self.max_batch = max_batch
+        self.buf = mmap.mmap(-1, max_batch * 3 * hw[0] * hw[1])  # anonymous and MAP_SHARED: the child sees it
+        self.progress = mmap.mmap(-1, 8)
+        self.pid: int | None = None
+        self.conn = None
+        self.restarts = 0
+
+    def _start(self) -> None:
+        import multiprocessing.connection as mpc
+
+        # Import what decoding needs here, once: every child forked after that starts in milliseconds.
+        _decoder()
+        from torchvision.transforms.v2 import functional  # noqa: F401
+
+        ours, theirs = mpc.Pipe()
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the caller's code
+            code = 0
+            try:
+                ours.close()
+                _child_main(theirs, self.paths, self.hw, self.variable, self.validate, self.buf, self.progress, parent)
+            except BaseException:  # a bug of ours, not a bad image: the parent raises it with this traceback
+                import traceback
+
+                code = 1
+                try:
+                    theirs.send(("error", traceback.format_exc()))
+                except BaseException:
+                    pass
+            finally:
+                os._exit(code)
+        theirs.close()
+        self.pid, self.conn = pid, ours
+
+    def _stop(self, kill: bool) -> str:
+        """End the child; returns how it ended ("SIGSEGV", "exit 1", ...)."""
+        how = "killed"
+        if self.pid is not None:
+            if kill:
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                _, status = os.waitpid(self.pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+                how = signal.Signals(-code).name if code < 0 else f"exit {code}"
+            except (ChildProcessError, ValueError):
+                pass
+            self.conn.close()
+        self.pid, self.conn = None, None
+        return how
+
+    def _progress(self) -> int:
+        return int.from_bytes(self.progress[:8], "little", signed=True)
+
+    def decode(self, items: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+        """uint8 [N, 3, H, W] for items = (shard, offset, size), and the (position, reason) of failures."""
+        n = len(items)
+        if n > self.max_batch:
+            raise ValueError(f"batch of {n} exceeds the decoder's buffer of {self.max_batch}")
+        failed: list[tuple[int, str]] = []
+        start, idle_deaths = 0, 0
+        while start < n:
+            if self.pid is None:
+                self._start()
+            self.progress[:8] = (-1).to_bytes(8, "little", signed=True)
+            try:
+                self.conn.send((start, items))
+                last, since = -1, 0.0
+                while not self.conn.poll(1.0):
+                    pos = self._progress()
+                    since = 0.0 if pos != last else since + 1.0
+                    last = pos
+                    if pos < start:  # not started yet (a new child imports its decoders first)
+                        if since >= START_TIMEOUT_S:
+                            self._stop(kill=True)
+                            raise RuntimeError(f"the decoder process did not start in {START_TIMEOUT_S:.0f} s")
+                    elif since >= DECODE_STALL_S:
+                        failed.append((pos, f"the decoder hung (no progress in {DECODE_STALL_S:.0f} s); skipped"))
+                        self._stop(kill=True)
+                        start = pos + 1
+                        break
+                else:
+                    kind, payload = self.conn.recv()
+                    if kind == "error":
+                        self._stop(kill=True)
+                        raise RuntimeError(f"the decoder process failed:\n{payload}")
+                    failed += payload
+                    break
+            except (EOFError, OSError):  # the child died: on the image it was decoding, or before any
+                pos = self._progress()
+                how = self._stop(kill=True)
+                self.restarts += 1
+                if pos < start:
+                    idle_deaths += 1
+                    if idle_deaths > 2:
+                        raise RuntimeError(f"the decoder process keeps dying before decoding anything ({how})")
+                    continue
+                failed.append((pos, f"the decoder crashed ({how}) on this image; skipped"))
+                start = pos + 1
+        h, w = self.hw
+        images = torch.from_numpy(np.frombuffer(self.buf, dtype=np.uint8, count=n * 3 * h * w).copy()).view(n, 3, h, w)
+        return images, sorted(failed)
+
+    def close(self) -> None:
+        if self.pid is not None:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self._stop(kill=True)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
