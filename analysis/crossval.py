@@ -139,7 +139,8 @@ def out_of_sample_probs(run, split: str, *, folds: int = 5, epochs: int | None =
     """Probabilities [N, C] for every sample of the run's `split`, each from a CE model trained without it.
 
     Returns (probs, info) where info records the folds, epochs, architecture and seconds per fold."""
-    from ccl.train.loop import restore, train
+    from ccl.train.loop import train
+    from ccl.train.restore import restore
 
     given, _ = run.shards.labels(split)
     fold = stratified_folds(given, folds, seed=int(run.cfg.seed))

@@ -232,7 +232,7 @@ def labels_report(run_path: Path, split: str = "train", *, out: Path | None = No
 
     Returns {"out", "format", "rows", "w_source", "metrics" (or None), "grid", "seconds", "table", and with
     cleanlab "compare"}."""
-    from ccl.train.loop import restore
+    from ccl.train.restore import restore
 
     if rate is not None and not 0 < rate <= 1:
         raise UserError(f"--rate must lie in (0, 1], got {rate:g}")

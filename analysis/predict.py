@@ -1,7 +1,7 @@
 """The trained model, put to use: `ccl predict` (classes of new images, as a CSV) and `ccl export` (the weights as
 safetensors, with a JSON sidecar to rebuild the network anywhere ccl is installed).
 
-Both rebuild the run with `ccl.train.loop.restore` (the checkpoint's config, the training set's manifest for the
+Both rebuild the run with `ccl.train.restore.restore` (the checkpoint's config, the training set's manifest for the
 classes and the normalisation), so a prediction sees exactly what `ccl eval` scores: the same decoder and resize
 as the loader (`ccl.pipeline.decode.decode_to`), the eval view, the precision the run trained in, and the
 ensemble as the softmax of the nets' summed logits (or one net's, with `--net K`).
@@ -172,7 +172,8 @@ def predict(checkpoint: Path, inputs: list[Path], *, net: int | None = None, top
     "accuracy" (against the true labels of a shard set, when known), "epoch"}."""
     from ccl.model import eval_mode
     from ccl.pipeline.decode import resolve_load_size
-    from ccl.train.loop import precision, restore
+    from ccl.train.loop import precision
+    from ccl.train.restore import restore
 
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
@@ -281,7 +282,7 @@ def export(run_path: Path, out: Path, *, net: int | None = None, device: str = "
     from safetensors.torch import save_file
 
     from ccl.analysis.inference import resolve_checkpoint
-    from ccl.train.loop import restore
+    from ccl.train.restore import restore
 
     out = Path(out)
     if out.suffix != ".safetensors":

@@ -32,7 +32,8 @@ from rich.progress import Progress
 from ccl.analysis import runs
 from ccl.errors import UserError
 from ccl.train.config import SECTIONS, TrainConfig, apply_overrides, load_config_file
-from ccl.train.loop import FREE_ON_RESUME, config_changes, train
+from ccl.train.loop import train
+from ccl.train.resume import FREE_ON_RESUME, config_changes
 
 
 def parse_noise(spec: str) -> tuple[str, float]:

@@ -35,14 +35,14 @@ import numpy as np
 from ccl import files
 from ccl.errors import UserError
 from ccl.pipeline import manifest as schema
-from ccl.progress import Bars
+from ccl.pipeline.loader import BACKENDS  # the decoders checked: those the loader backends use
 from ccl.pipeline.manifest import MANIFEST
 from ccl.pipeline.procs import die_with_parent
 from ccl.pipeline.scan import ShardScan, scan_shard
 from ccl.pipeline.shards import load_manifest
 from ccl.pipeline.tarshard import sample_key
+from ccl.progress import Bars
 
-BACKENDS = ("torch", "dali")
 REPORT = "check.json"
 DALI_BATCH = 32  # images per DALI run; a batch that fails is redone image by image to name the culprit
 STALL_S = 120.0  # a decoder child with no progress for this long is killed and the image reported as a hang

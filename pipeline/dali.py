@@ -46,8 +46,7 @@ import torch
 from ccl.errors import UserError
 from ccl.pipeline.batch import Batch
 from ccl.pipeline.decode import short_side
-from ccl.pipeline.loader import Loader
-from ccl.pipeline.plan import rechunk
+from ccl.pipeline.plan import Loader, rechunk
 from ccl.pipeline.shards import ShardSet
 
 READER = "Reader"

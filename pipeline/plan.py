@@ -1,5 +1,6 @@
-"""Epoch planning: which samples each rank reads in an epoch and in which batches, shared by both loader backends
-(`ccl.pipeline.loader` explains why: exact epochs, equal steps on every rank, no one-sample batch)."""
+"""Epoch planning: which samples each rank reads in an epoch and in which batches, and `Loader`, the contract both
+loader backends implement on it (`ccl.pipeline.loader` explains why: exact epochs, equal steps on every rank, no
+one-sample batch)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import torch
 
 from ccl.errors import UserError
 from ccl.pipeline.batch import Batch
+from ccl.pipeline.decode import resolve_load_size
+from ccl.pipeline.scan import Damaged
+from ccl.pipeline.shards import ShardSet
 
 
 def rank_range(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -103,3 +107,78 @@ def cat_batches(bs: Sequence[Batch]) -> Batch:
         label=torch.cat([b.label for b in bs]),
         clean=torch.cat([b.clean for b in bs]),
     )
+
+
+class Loader:
+    """Iterable over `Batch`es already on `device`; one pass is one epoch of this rank's share of a split.
+
+    Attributes: `num_samples` (samples this rank reads per epoch), `steps` (== len(loader), the same on every
+    rank), `epoch` (set by `set_epoch`), and, for the latest pass (reset when a pass starts):
+    `skipped_samples`, a list of `ccl.pipeline.shards.Damaged` (split, index, key, shard, reason) records: the
+    split's damaged samples found before the first pass (every rank lists them) plus the images this rank
+    could not decode; `skipped`, their number.
+    """
+
+    num_samples: int
+    steps: int
+    skipped: int = 0
+    epoch: int = 0
+
+    def __init__(
+        self,
+        shardset: ShardSet,
+        split: str,
+        *,
+        batch_size: int,
+        train: bool,
+        device: torch.device,
+        seed: int,
+        rank: int,
+        world_size: int,
+        load_size,
+        strict: bool,
+        damaged: list[Damaged],
+        left_out: int = 0,
+    ):
+        """What both backends share: the options, the decode size, and this rank's share of the epoch.
+        `left_out`: readable samples that this loader does not read (outside its `subset`)."""
+        self.split, self.train, self.batch_size, self.device = split, train, batch_size, device
+        self.seed, self.rank, self.world_size, self.strict = seed, rank, world_size, strict
+        self.hw, self.variable = resolve_load_size(shardset.image_size, load_size)
+        if strict and damaged:
+            d = damaged[0]
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            raise UserError(f"damaged sample: split '{split}' index {d.index} in {d.shard}: {d.reason}{more} "
+                            "(run without --strict to skip damaged samples)")
+        self.damaged = list(damaged)  # found before the first pass: left out of every epoch
+        self.skipped_samples: list[Damaged] = list(self.damaged)
+        self.skipped = len(self.skipped_samples)
+        n = shardset.count(split) - len(self.damaged) - left_out
+        if n < world_size:
+            raise UserError(f"split '{split}' has {n} readable samples, fewer than {world_size} ranks")
+        lo, hi = rank_range(n, rank, world_size)
+        self.num_samples = hi - lo
+        self.steps = steps_per_epoch(n, batch_size, world_size)
+        # Fail now, not mid-training, if this rank's share cannot be split into `steps` batches.
+        self.sizes = batch_sizes(self.num_samples, self.steps, batch_size)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the shuffle: the order of a training epoch is a function of (seed, epoch) only."""
+        self.epoch = int(epoch)
+
+    def _begin_pass(self) -> None:
+        self.skipped_samples = list(self.damaged)
+        self.skipped = len(self.skipped_samples)
+
+    def _skip(self, record: Damaged) -> None:
+        if self.strict:
+            raise UserError(f"corrupt image: split '{record.split}' index {record.index} in {record.shard}: "
+                            f"{record.reason} (run without --strict to skip corrupt images)")
+        self.skipped_samples.append(record)
+        self.skipped += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        raise NotImplementedError

@@ -202,7 +202,7 @@ def test_the_true_label_and_how_often_the_suggestion_is_it(ccl_run, digits, tmp_
 
 
 def test_w_from_the_run_is_the_checkpoints_own(ccl_run, tmp_path):
-    from ccl.train.loop import restore
+    from ccl.train.restore import restore
 
     out = tmp_path / "run.csv"
     r = cli(ccl_run, "--w", "run", "--out", out, "--device", "cpu")

@@ -222,7 +222,7 @@ def test_a_bad_value_is_a_one_line_error_naming_the_option(monkeypatch, args, wo
 
 
 def test_resume_may_change_the_options_whose_field_says_so():
-    from ccl.train.loop import FREE_ON_RESUME, config_changes
+    from ccl.train.resume import FREE_ON_RESUME, config_changes
 
     assert FREE_ON_RESUME == config.free_on_resume()
     assert {"epochs", "workers", "device", "out", "name"} <= set(FREE_ON_RESUME) and "lr" not in FREE_ON_RESUME

@@ -15,7 +15,8 @@ from ccl.pipeline.shards import ShardSet
 from ccl.analysis import predict as P
 from ccl.train.config import TrainConfig
 from ccl.pipeline.shards import sample_locations
-from ccl.train.loop import evaluate_checkpoint, train
+from ccl.train.loop import train
+from ccl.train.restore import evaluate_checkpoint
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -156,7 +157,7 @@ def resnet18_run(tmp_path_factory):
 
 def test_the_readme_torchvision_snippet_rebuilds_resnet18_with_ccls_logits(resnet18_run, tmp_path, monkeypatch):
     pytest.importorskip("safetensors")
-    from ccl.train.loop import restore
+    from ccl.train.restore import restore
 
     assert P.TORCHVISION_SNIPPET in README.read_text()  # the README shows the code this test runs
     monkeypatch.chdir(tmp_path)

@@ -88,7 +88,7 @@ def train_cmd(ctx: typer.Context, **params):
     if ablate is not None:
         values.setdefault("ccl", {})["ablations"] = ablate
     if params["resume"]:
-        from ccl.train.loop import saved_config
+        from ccl.train.restore import saved_config
 
         base = saved_config(TrainConfig.from_dict(values))
         values = _merge(base, values)
@@ -157,7 +157,7 @@ def eval_cmd(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result to this file."),
 ):
     """Evaluate a checkpoint: top-1/top-5 of each net and of the ensemble."""
-    from ccl.train.loop import evaluate_checkpoint
+    from ccl.train.restore import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, data, split, device)
     t = Table(title=f"{checkpoint} on {split} (epoch {result['epoch']})")

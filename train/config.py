@@ -361,7 +361,7 @@ def cli_flag(name: str, tp) -> str:
 
 
 def free_on_resume() -> tuple[str, ...]:
-    """The options a `--resume` may change without --allow-changes (`ccl.train.loop.FREE_ON_RESUME`)."""
+    """The options a `--resume` may change without --allow-changes (`ccl.train.resume.FREE_ON_RESUME`)."""
     return tuple(f.name for f, _ in options() if f.metadata.get("free"))
 
 

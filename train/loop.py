@@ -11,7 +11,6 @@ step's logged parts stay on the device; the host reads them once per
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 import re
@@ -35,18 +34,13 @@ from ccl.pipeline.shards import ShardSet
 from ccl import files
 from ccl.progress import bar as progress_bar
 from ccl.train import checkpoint as ckpt
+from ccl.train import resume as resume_check
 from ccl.train import dist, rundir
-from ccl.train.config import TrainConfig, free_on_resume
+from ccl.train.config import TrainConfig
 from ccl.train.environment import environment, git_sha, record_resume
 from ccl.train.methods import Method, Rng, build_method
 from ccl.train.metrics import Accuracy, DeviceMeter, MetricsLog, summarize
 from ccl.train.tracking import NullLogger, global_step, make_logger
-
-# Options a `--resume` may change freely: they do not change what the run computes (or, for epochs, only how long
-# it goes on); each field says so (`opt(..., free=True)` in ccl.train.config). Any other change is refused unless
-# asked for (`allow_changes`), and then recorded in config.json.
-FREE_ON_RESUME = free_on_resume()
-
 
 class NonFiniteLoss(Stop):
     """The loss became NaN or infinite: the run stops (exit 1); the last good checkpoint stays as it was."""
@@ -163,7 +157,7 @@ def setup(cfg: TrainConfig, data_dir: Path) -> Run:
     return Run(cfg, shards, device, method, aug, identity)
 
 
-def _loader(run: Run, split: str, train: bool, subset: np.ndarray | None = None, batch_size: int | None = None):
+def split_loader(run: Run, split: str, train: bool, subset: np.ndarray | None = None, batch_size: int | None = None):
     cfg = run.cfg
     return make_loader(run.shards, split, backend=cfg.backend, batch_size=batch_size or cfg.batch_size, train=train,
                        device=run.device, num_workers=cfg.workers, seed=cfg.seed, strict=cfg.strict, subset=subset)
@@ -221,7 +215,7 @@ def pass_batches(run: Run, loader, epoch: int, p: int, passes: int):
     for k, stream in enumerate(streams):
         bs = stream.batch_size or run.cfg.batch_size
         if (k, bs) not in run.stream_loaders:
-            run.stream_loaders[(k, bs)] = _loader(run, "train", train=True, batch_size=bs,
+            run.stream_loaders[(k, bs)] = split_loader(run, "train", train=True, batch_size=bs,
                                                   subset=np.flatnonzero(run.method.active.cpu().numpy()))
         ld = run.stream_loaders[(k, bs)]
         ld.select(np.flatnonzero(run.method.active.cpu().numpy()) if stream.subset is None else stream.subset)
@@ -362,7 +356,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
         path = ck_dir / "last.pt"
         state = dist.rank0_call(ckpt.load, path)  # global per-sample state: any world size resumes it
         ckpt.check_identity(state["identity"], run.identity, path)
-        changes = config_changes(state["config"], cfg, allow_changes)
+        changes = resume_check.config_changes(state["config"], cfg, allow_changes)
         ckpt.load_method_state(method, state["method"], path)
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
@@ -376,7 +370,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
         if main:
             log.truncate_after(state["epoch"])
         if changes and main:
-            _record_changes(run_dir / "config.json", start, changes, cfg)
+            resume_check.record_changes(run_dir / "config.json", start, changes, cfg)
         if main:
             record_resume(run_dir / "config.json", start, environment(cfg, device, amp_dtype(device, cfg.amp)))
     elif main:
@@ -388,10 +382,10 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
     val = held_out(run.identity["num_train"], cfg.val_fraction, cfg.seed)
     fit = np.flatnonzero(~val) if val.any() else None
     method.hold_out(torch.from_numpy(val))  # the confidence (GMM) is fitted on the samples it trains on
-    train_loader = _loader(run, "train", train=True, subset=fit)
-    test_loader = _loader(run, "test", train=False)
-    train_in_order = _loader(run, "train", train=False, subset=fit)
-    val_loader = _loader(run, "train", train=False, subset=np.flatnonzero(val)) if val.any() else None
+    train_loader = split_loader(run, "train", train=True, subset=fit)
+    test_loader = split_loader(run, "test", train=False)
+    train_in_order = split_loader(run, "train", train=False, subset=fit)
+    val_loader = split_loader(run, "train", train=False, subset=np.flatnonzero(val)) if val.any() else None
     labels, clean = run.shards.labels("train")
     has_clean = bool((clean >= 0).all())
     run.model = dist.wrap(method, sync_bn=cfg.sync_bn)
@@ -525,55 +519,6 @@ def _summary(run: Run, run_dir: Path, history: list[dict], labels, clean, has_cl
     return summary
 
 
-def config_changes(saved: dict, cfg: TrainConfig, allow: bool, free: tuple[str, ...] = FREE_ON_RESUME) -> dict:
-    """{option: (saved, now)} for every option that changed, other than the free ones; refused unless allowed.
-
-    An option the saved run predates (one added to ccl since) counts as its default: new options default to
-    the behaviour that runs had before them."""
-    now, default = cfg.to_dict(), TrainConfig().to_dict()
-
-    def before(key: str):
-        if key not in saved:
-            return default[key]
-        if key == "data" and saved[key]:  # stored as given before it was stored resolved
-            return str(Path(saved[key]).resolve())
-        if isinstance(saved[key], dict) and isinstance(default[key], dict):  # a method section: the same, per key
-            return {**default[key], **saved[key]}
-        return saved[key]
-
-    changes = {k: (before(k), now[k]) for k in now if k not in free and before(k) != now[k]}
-    if changes and not allow:
-        first = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(changes.items())[:3])
-        raise UserError(f"--resume would change the run: {first}; pass --allow-changes to continue with them "
-                        "(they are recorded in config.json), or leave them out")
-    return changes
-
-
-def _record_changes(path: Path, epoch: int, changes: dict, cfg: TrainConfig) -> None:
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    record.setdefault("changes", []).append({"from_epoch": epoch, "changed": {k: list(v) for k, v in changes.items()}})
-    record["config"] = cfg.to_dict()
-    files.write_json(path, record)
-
-
-def saved_config(cfg: TrainConfig) -> dict:
-    """The config a `--resume` continues: that of the run which `cfg` names (its config.json; read by rank 0)."""
-    dist.init(cfg.dist_backend, cfg.device)
-    return dist.rank0_call(_saved_config, cfg)
-
-
-def _saved_config(cfg: TrainConfig) -> dict:
-    data_dir = resolve_data(cfg)
-    dataset = ShardSet.open(data_dir).manifest["dataset"]
-    run_dir = rundir.find(cfg, dataset)
-    if run_dir is None:
-        raise UserError(f"nothing to resume: no checkpoint under {Path(cfg.out) / rundir.default_base(cfg, dataset)}")
-    try:
-        return json.loads((run_dir / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"cannot read {run_dir / 'config.json'}: the run to resume has no readable config") from None
-
-
 def _epoch_line(r: dict) -> str:
     parts = [f"epoch {r['epoch'] + 1}"]
     if "ens_top1" in r:
@@ -606,36 +551,3 @@ def report_skipped(run_dir: Path, loaders, main: bool, show: int = 5) -> list[st
         lines.append(f"  ... {len(rows) - show} more")
     lines.append(f"  all {len(rows)} skipped samples: {run_dir / SKIPPED_REPORT}")
     return lines
-
-
-def restore(checkpoint: Path, data: Path | None = None, device: str = "auto") -> tuple[Run, dict]:
-    """Rebuild a finished (or interrupted) run from one of its checkpoints, for evaluation and analysis.
-
-    Returns the `Run` (its method holds the checkpoint's networks and per-sample state, in eval mode) and the
-    checkpoint dict. ``data`` overrides the shard directory the run trained on.
-    """
-    state = ckpt.load(Path(checkpoint))
-    cfg = TrainConfig.from_dict(state["config"])
-    cfg = replace(cfg, device=device, data=str(data) if data else cfg.data)
-    run = setup(cfg, resolve_data(cfg))
-    # Evaluation needs the same networks, not the same training set or schedule.
-    ckpt.check_identity(state["identity"], run.identity, Path(checkpoint), ("method", "arch", "num_classes"))
-    path = Path(checkpoint)
-    if state["identity"].get("num_train") == run.identity["num_train"]:
-        ckpt.load_method_state(run.method, state["method"], path)
-    else:  # evaluated on other data: the networks, without the training set's per-sample state
-        ckpt.load_method_state(run.method, {k: v for k, v in state["method"].items() if k.startswith("nets.")}, path,
-                               strict=False)
-    run.method.eval()
-    return run, state
-
-
-def evaluate_checkpoint(checkpoint: Path, data: Path | None, split: str = "test", device: str = "auto") -> dict:
-    """`ccl eval`: rebuild the run from the checkpoint's config and evaluate it on a split."""
-    run, state = restore(checkpoint, data, device)
-    if split not in run.shards.manifest["splits"]:
-        raise UserError(f"split {split!r} not in {run.shards.root}; it has {', '.join(run.shards.manifest['splits'])}")
-    ctx, _ = precision(run.device, run.cfg.amp)
-    result = evaluate(run, _loader(run, split, train=False), ctx)
-    return {"checkpoint": str(checkpoint), "epoch": state["epoch"] + 1, "split": split, **result}
-

@@ -88,7 +88,7 @@ def analyze_run(run_dir: Path, s: Settings, bar=None) -> tuple[dict, dict]:
     import torch
 
     from ccl.pipeline.loader import make_loader
-    from ccl.train.loop import restore
+    from ccl.train.restore import restore
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
