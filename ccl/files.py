@@ -116,6 +116,20 @@ def _remove(paths) -> None:
             pass
 
 
+def read_json(path, what: str):
+    """A JSON file the user named (`what` says which: "config file", "taxonomy file"), or one line saying why it
+    cannot be read: missing, not a file, not UTF-8, not JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {p} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {p}: {e.strerror or e}") from None
+
+
 def write_text(path, write: Callable[[TextIO], None]) -> None:
     """`write_atomic` for text that `write(f)` streams into an open text file (UTF-8, newline="" as csv wants)."""
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ccl import files
 from ccl.errors import UserError
 from ccl.train.losses import Ablation
 
@@ -539,12 +539,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
 def load_config_file(path: str | Path) -> dict:
     """A JSON file of TrainConfig fields (sections as nested objects); the CLI's explicit options override it."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"config file not found: {p}")
-    try:
-        d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"config file {p} is not valid JSON: {e}") from None
+    d = files.read_json(p, "config file")
     if not isinstance(d, dict):
         raise UserError(f"config file {p} must hold a JSON object of options")
     return d

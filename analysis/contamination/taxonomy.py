@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ccl import files
 from ccl.errors import UserError
 
 BUILTIN_DIR = Path(__file__).parent / "taxonomies"
@@ -124,12 +125,7 @@ class Taxonomy:
 def load_taxonomy(path: str | Path, classes: list[str]) -> Taxonomy:
     """A taxonomy file (format in the module docstring), checked against the data set's classes."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"taxonomy file not found: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"taxonomy file {p} is not valid JSON: {e}") from None
+    data = files.read_json(p, "taxonomy file")
     if not isinstance(data, dict) or "paths" not in data:
         raise UserError(f"taxonomy file {p}: expected an object with \"paths\" (see `ccl analyze --help`)")
     tax = Taxonomy.from_paths(str(data.get("name", p.stem)), str(data.get("source", str(p))), data["paths"],
