@@ -47,12 +47,13 @@ import time
 import traceback
 from pathlib import Path
 
-from gpucheck.settings import Fail, ITEMS, Skip
-from gpucheck.procs import interrupt, end_children
-from gpucheck.data import make_data, make_shim
-from gpucheck.run import Run, atomic_write, cpu_seconds
-from gpucheck.children import child_checkpoints, child_main
-from gpucheck.items import PARENT
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its parts, tools/gpucheck/, however it is started
+from gpucheck.settings import Fail, ITEMS, Skip  # noqa: E402
+from gpucheck.procs import interrupt, end_children  # noqa: E402
+from gpucheck.data import make_data, make_shim  # noqa: E402
+from gpucheck.run import Run, atomic_write, cpu_seconds  # noqa: E402
+from gpucheck.children import child_checkpoints, child_main  # noqa: E402
+from gpucheck.items import PARENT  # noqa: E402
 
 
 def main_run(out: Path, mode: str, only: set[str] | None, budget: float | None) -> int:
