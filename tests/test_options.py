@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from ccl.errors import UserError
 from ccl.train import config
-from ccl.train.config import SECTIONS, TrainConfig, apply_overrides
+from ccl.train.config import SECTIONS, TrainConfig, apply_overrides, format_default
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,3 +253,12 @@ def test_the_gpu_check_trains_every_method():
             return cap
 
     assert items._method_specs(Run(), settings.ALL_METHODS, ("ccl",)) == [every, ("ccl",)]
+
+
+def test_ablations_read_back_what_the_help_shows_as_their_default():
+    from ccl.train.losses import Ablation
+
+    assert format_default(TrainConfig().ccl.ablations) == "none"
+    for text in ("none", "", "None"):
+        assert TrainConfig.from_dict(apply_overrides({}, [f"ccl.ablations={text}"])).ccl.ablations == Ablation()
+    assert TrainConfig.from_dict(apply_overrides({}, ["ccl.ablations=cvl"])).ccl.ablations == Ablation(no_cvl=True)

@@ -510,8 +510,9 @@ def _value(tp, v, key: str):
 
 
 def parse_ablations(text: str) -> Ablation:
-    """`mimicry,cml` (or `no_mimicry,no_cml`) -> Ablation; empty -> none."""
-    names = [n.strip().replace("-", "_") for n in text.split(",") if n.strip()]
+    """`mimicry,cml` (or `no_mimicry,no_cml`) -> Ablation; empty or `none` (the default, as `--help` shows it) ->
+    the full method."""
+    names = [n.strip().replace("-", "_") for n in text.split(",") if n.strip() and n.strip().lower() != "none"]
     return Ablation.from_names(n if n.startswith("no_") else f"no_{n}" for n in names)
 
 
