@@ -399,5 +399,5 @@ def labels_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `ccl labels` to the app (train/cli.py calls this once)."""
+    """Add `ccl labels` to the app (`ccl.cli` calls this once)."""
     app.command("labels")(labels_cmd)

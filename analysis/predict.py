@@ -370,6 +370,6 @@ def export_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `ccl predict` and `ccl export` to the app (train/cli.py calls this once)."""
+    """Add `ccl predict` and `ccl export` to the app (`ccl.cli` calls this once)."""
     app.command("predict")(predict_cmd)
     app.command("export")(export_cmd)

@@ -334,5 +334,5 @@ def runs_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `ccl runs` to the app (train/cli.py calls this once)."""
+    """Add `ccl runs` to the app (`ccl.cli` calls this once)."""
     app.command("runs")(runs_cmd)

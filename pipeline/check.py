@@ -575,7 +575,7 @@ def check_command(
 
 
 def register(app) -> None:
-    """Add `ccl check` to the ccl Typer app (train/cli.py calls this)."""
+    """Add `ccl check` to the ccl Typer app (`ccl.cli` calls this once)."""
     import typer
 
     def check_cmd(

@@ -114,7 +114,7 @@ class Loader:
 
     Attributes: `num_samples` (samples this rank reads per epoch), `steps` (== len(loader), the same on every
     rank), `epoch` (set by `set_epoch`), and, for the latest pass (reset when a pass starts):
-    `skipped_samples`, a list of `ccl.pipeline.shards.Damaged` (split, index, key, shard, reason) records: the
+    `skipped_samples`, a list of `ccl.pipeline.scan.Damaged` (split, index, key, shard, reason) records: the
     split's damaged samples found before the first pass (every rank lists them) plus the images this rank
     could not decode; `skipped`, their number.
     """

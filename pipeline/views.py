@@ -238,5 +238,5 @@ def views(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `views` to the `ccl` app (train/cli.py calls this)."""
+    """Add `views` to the `ccl` app (`ccl.cli` calls this once)."""
     app.command("views")(views)

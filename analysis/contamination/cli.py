@@ -55,5 +55,5 @@ def analyze_cmd(
 
 
 def register(app: typer.Typer) -> None:
-    """Add `ccl analyze` to the app (train/cli.py calls this once)."""
+    """Add `ccl analyze` to the app (`ccl.cli` calls this once)."""
     app.command("analyze")(analyze_cmd)
