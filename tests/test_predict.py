@@ -91,14 +91,20 @@ def test_predict_on_image_files_skips_and_lists_bad_ones(run_dir, digits, tmp_pa
     assert [float(row["prob"]) for row in rows] == pytest.approx([float(row["prob"]) for row in by_shard], abs=1e-5)
 
 
-def test_export_rebuilds_with_the_readme_snippet_and_matches_predict(run_dir, digits, tmp_path, monkeypatch):
-    pytest.importorskip("safetensors")
-    assert P.SNIPPET in README.read_text()  # the README shows the code this test runs
+def _export_and_run_snippet(snippet: str, run, tmp_path, monkeypatch) -> dict:
+    """`ccl export RUN --out model.safetensors` in tmp_path, then the README's snippet itself run there; its names."""
+    assert snippet in README.read_text()  # the README shows the code the test runs
     monkeypatch.chdir(tmp_path)
-    r = cli("export", run_dir, "--out", "model.safetensors")
+    r = cli("export", run, "--out", "model.safetensors")
     assert r.exit_code == 0, r.output
     scope: dict = {}
-    exec(P.SNIPPET, scope)  # noqa: S102 - the documented snippet itself
+    exec(snippet, scope)  # noqa: S102 - the documented snippet itself
+    return scope
+
+
+def test_export_rebuilds_with_the_readme_snippet_and_matches_predict(run_dir, digits, tmp_path, monkeypatch):
+    pytest.importorskip("safetensors")
+    scope = _export_and_run_snippet(P.SNIPPET, run_dir, tmp_path, monkeypatch)
     nets, meta = scope["nets"], scope["meta"]
     assert meta["nets"] == ["net0", "net1"] and meta["classes"] == ShardSet.open(digits).classes
     assert meta["torchvision"] is None  # resnet_tiny is ccl's own network: ccl.model rebuilds it
@@ -159,12 +165,7 @@ def test_the_readme_torchvision_snippet_rebuilds_resnet18_with_ccls_logits(resne
     pytest.importorskip("safetensors")
     from ccl.train.restore import restore
 
-    assert P.TORCHVISION_SNIPPET in README.read_text()  # the README shows the code this test runs
-    monkeypatch.chdir(tmp_path)
-    r = cli("export", resnet18_run, "--out", "model.safetensors")
-    assert r.exit_code == 0, r.output
-    scope: dict = {}
-    exec(P.TORCHVISION_SNIPPET, scope)  # noqa: S102 - the documented snippet itself, without ccl.model
+    scope = _export_and_run_snippet(P.TORCHVISION_SNIPPET, resnet18_run, tmp_path, monkeypatch)  # no ccl.model
     nets, tv = scope["nets"], scope["meta"]["torchvision"]
     assert tv["model"] == "resnet18" and tv["cifar_stem"] and len(nets) == 2
     assert all(type(net) is torchvision_resnet() and not net.training for net in nets)
