@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,14 +194,20 @@ class ShardSet:
         return scan.label.copy(), scan.clean.copy()
 
     def iter_samples(self, split: str) -> Iterator[Sample]:
-        """Decoded samples in index order."""
-        for tar in self.shards(split):
-            for comps in _iter_tar_samples(tar):
-                index, label, clean = unpack_labels(comps[LABELS_EXT])
-                data = comps.get("jpg", comps.get("png"))
-                if data is None:
-                    raise UserError(f"{tar}: sample {index} has no jpg or png component")
-                yield Sample(index, label, clean, decode_image(data))
+        """Decoded samples in index order, read where the shards' index files (`parse_index_text`) place them."""
+        for tar, idx in zip(self.shards(split), self.index_files(split)):
+            try:
+                entries = parse_index_text(idx.read_bytes(), str(idx))
+            except OSError as e:
+                raise UserError(f"{idx}: cannot read ({e.strerror})") from None
+            with open(tar, "rb") as f:
+                for comps in entries:
+                    image = next((e for e in IMAGE_EXTS if e in comps), None)
+                    if image is None or LABELS_EXT not in comps:
+                        raise UserError(f"{idx}: a sample without {'an image' if image is None else LABELS_EXT}")
+                    read = lambda c: os.pread(f.fileno(), comps[c].size, comps[c].offset)  # noqa: E731
+                    index, label, clean = unpack_labels(read(LABELS_EXT))
+                    yield Sample(index, label, clean, decode_image(read(image)))
 
 
 @dataclass(frozen=True)
@@ -259,22 +264,3 @@ def load_manifest(mpath: Path):
         return json.loads(Path(mpath).read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise UserError(f"{mpath}: not valid JSON ({e})") from None
-
-
-def _iter_tar_samples(tar_path: Path) -> Iterator[dict[str, bytes]]:
-    """Group a tar's members into {component: bytes} dicts by key (everything before the first dot)."""
-    current_key, comps = None, {}
-    with tarfile.open(tar_path, "r|") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            key, comp = split_member_name(member.name)
-            if key != current_key:
-                if comps:
-                    yield comps
-                current_key, comps = key, {}
-            comps[comp] = tar.extractfile(member).read()
-    if comps:
-        yield comps
-
-
