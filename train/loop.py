@@ -353,26 +353,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
 
     start, best, best_epoch = 0, -1.0, -1
     if resume:
-        path = ck_dir / "last.pt"
-        state = dist.rank0_call(ckpt.load, path)  # global per-sample state: any world size resumes it
-        ckpt.check_identity(state["identity"], run.identity, path)
-        changes = resume_check.config_changes(state["config"], cfg, allow_changes)
-        ckpt.load_method_state(method, state["method"], path)
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start, best = state["epoch"] + 1, state["best"]
-        best_epoch = state.get("best_epoch", state["epoch"])  # a checkpoint that predates it: count from here
-        saved_rng = dist.rng_for_rank(state)
-        if saved_rng is not None:
-            ckpt.set_rng_state(saved_rng, rng)
-        else:  # written by another number of processes
-            dist.reseed(rng, cfg.seed, start)
-        if main:
-            log.truncate_after(state["epoch"])
-        if changes and main:
-            resume_check.record_changes(run_dir / "config.json", start, changes, cfg)
-        if main:
-            record_resume(run_dir / "config.json", start, environment(cfg, device, amp_dtype(device, cfg.amp)))
+        start, best, best_epoch = _resume(run, run_dir, opt, scaler, rng, log, allow_changes)
     elif main:
         record = {"config": cfg.to_dict(), "identity": run.identity, "data": str(data_dir), "git_sha": git_sha(),
                   "command": sys.argv, "environment": environment(cfg, device, amp_dtype(device, cfg.amp))}
@@ -428,27 +409,9 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
             view = method.refresh_view(epoch)
             if view is not None:
                 est_time += refresh_confidence(view)
-            record = {"epoch": epoch, "lr": lr_at(cfg, epoch), "warmup": method.warming_up(epoch)}
-            record |= {f"train_{k}": v for k, v in ep["means"].items()}
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                record |= evaluate(run, test_loader, ctx)
-                if val_loader is not None:
-                    record |= {f"val_{k}": v for k, v in evaluate(run, val_loader, ctx, noisy=True).items()}
-            if tracker is not None and (epoch + 1) % cfg.track_every == 0:
-                from ccl.train.track import track
-
-                with ctx:
-                    record |= track(method.nets, tracker.batches(run.aug.eval_view), seed=cfg.seed)
+            record = _epoch_record(run, ep, epoch, est_time, ctx, (train_loader, val_loader, test_loader), tracker)
             if has_clean and main:
                 record |= method.detection(labels, clean)
-            train_time = ep["train_time"]
-            (images, *net_images) = dist.sum_numbers(ep["images"], *ep["net_images"])  # all ranks
-            record |= {"images": int(images), "images_per_s": images / max(train_time, 1e-9),
-                       "data_wait": ep["wait"] / max(train_time, 1e-9), "epoch_time": train_time,
-                       "estimate_time": est_time, "skipped": train_loader.skipped,
-                       # optimiser steps and images each net learned from this epoch (mean over the nets)
-                       "steps_per_net": float(np.mean(ep["net_steps"])), "images_per_net": float(np.mean(net_images)),
-                       "test_skipped": test_loader.skipped}
             if device.type == "cuda":
                 record["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             top1 = record.get("val_ens_top1", -1.0)  # no validation part: no best.pt (the test split never picks)
@@ -465,17 +428,9 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
                 continue
             state = {"format": ckpt.FORMAT, "method": method.state_dict(), "optimizer": opt.state_dict(),
                      "scaler": scaler.state_dict(), "rng": ckpt.rng_state(rng), "epoch": epoch, "best": best,
-                     "best_epoch": best_epoch,
-                     "identity": run.identity, "config": cfg.to_dict()}
-            if rng_ranks is not None:
-                state["rng_ranks"] = rng_ranks
-            log.append(record)
-            run.logger.log_epoch(record)
-            try:  # best.pt is renamed first: a kill between the renames redoes this epoch and writes both again
-                ckpt.atomic_save(state, ck_dir / "last.pt", also=(ck_dir / "best.pt",) if improved else ())
-            except UserError:  # a full disk: the checkpoints stay as they were, and so does the log
-                log.truncate_after(epoch - 1)
-                raise
+                     "best_epoch": best_epoch, "identity": run.identity, "config": cfg.to_dict(),
+                     **({"rng_ranks": rng_ranks} if rng_ranks is not None else {})}
+            _log_and_save(run, record, state, log, ck_dir, improved)
             if progress:
                 bar.console.print(_epoch_line(record))
                 for line in skipped:
@@ -493,6 +448,72 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
     summary = dist.broadcast_object(summary)
     dist.shutdown()
     return summary
+
+
+def _resume(run: Run, run_dir: Path, opt, scaler, rng: Rng, log: MetricsLog, allow_changes: bool):
+    """Load checkpoints/last.pt into the method, optimiser, scaler and streams (refusing a changed run unless
+    allowed, and recording what changed); cut the log back to it. Returns (first epoch, best, best epoch)."""
+    cfg, device, main = run.cfg, run.device, dist.is_main()
+    path = run_dir / "checkpoints" / "last.pt"
+    state = dist.rank0_call(ckpt.load, path)  # global per-sample state: any world size resumes it
+    ckpt.check_identity(state["identity"], run.identity, path)
+    changes = resume_check.config_changes(state["config"], cfg, allow_changes)
+    ckpt.load_method_state(run.method, state["method"], path)
+    opt.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    start, best = state["epoch"] + 1, state["best"]
+    best_epoch = state.get("best_epoch", state["epoch"])  # a checkpoint that predates it: count from here
+    saved_rng = dist.rng_for_rank(state)
+    if saved_rng is not None:
+        ckpt.set_rng_state(saved_rng, rng)
+    else:  # written by another number of processes
+        dist.reseed(rng, cfg.seed, start)
+    if main:
+        log.truncate_after(state["epoch"])
+        if changes:
+            resume_check.record_changes(run_dir / "config.json", start, changes, cfg)
+        record_resume(run_dir / "config.json", start, environment(cfg, device, amp_dtype(device, cfg.amp)))
+    return start, best, best_epoch
+
+
+def _epoch_record(run: Run, ep: dict, epoch: int, est_time: float, ctx, loaders, tracker) -> dict:
+    """One metrics.jsonl line: the epoch's logged losses, test (and held-out) accuracy when due, the tracked
+    contamination measures when due, throughput, and the steps and images each net learned from."""
+    cfg, method = run.cfg, run.method
+    train_loader, val_loader, test_loader = loaders
+    record = {"epoch": epoch, "lr": lr_at(cfg, epoch), "warmup": method.warming_up(epoch)}
+    record |= {f"train_{k}": v for k, v in ep["means"].items()}
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        record |= evaluate(run, test_loader, ctx)
+        if val_loader is not None:
+            record |= {f"val_{k}": v for k, v in evaluate(run, val_loader, ctx, noisy=True).items()}
+    if tracker is not None and (epoch + 1) % cfg.track_every == 0:
+        from ccl.train.track import track
+
+        with ctx:
+            record |= track(method.nets, tracker.batches(run.aug.eval_view), seed=cfg.seed)
+    train_time = ep["train_time"]
+    (images, *net_images) = dist.sum_numbers(ep["images"], *ep["net_images"])  # all ranks
+    record |= {"images": int(images), "images_per_s": images / max(train_time, 1e-9),
+               "data_wait": ep["wait"] / max(train_time, 1e-9), "epoch_time": train_time,
+               "estimate_time": est_time, "skipped": train_loader.skipped,
+               # optimiser steps and images each net learned from this epoch (mean over the nets)
+               "steps_per_net": float(np.mean(ep["net_steps"])), "images_per_net": float(np.mean(net_images)),
+               "test_skipped": test_loader.skipped}
+    return record
+
+
+def _log_and_save(run: Run, record: dict, state: dict, log: MetricsLog, ck_dir: Path, improved: bool) -> None:
+    """The epoch's line in metrics.jsonl and the logger, then checkpoints/last.pt (and best.pt when the held-out
+    accuracy improved). A refused write (a full disk) leaves the checkpoints as they were, and the log with them."""
+    epoch = state["epoch"]
+    log.append(record)
+    run.logger.log_epoch(record)
+    try:  # best.pt is renamed first: a kill between the renames redoes this epoch and writes both again
+        ckpt.atomic_save(state, ck_dir / "last.pt", also=(ck_dir / "best.pt",) if improved else ())
+    except UserError:
+        log.truncate_after(epoch - 1)
+        raise
 
 
 def _summary(run: Run, run_dir: Path, history: list[dict], labels, clean, has_clean: bool) -> dict:
