@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
+from ccl import files
 from ccl.errors import Interrupted, UserError
 from ccl.analysis.inference import iter_logits, resolve_checkpoint
 from ccl.analysis.labels_scoring import GMM_DECISION, correction, estimate_w, issue_metrics, rank_score
@@ -395,7 +396,7 @@ def labels_cmd(
         print_top(result["table"], top, console)
     if json_out:
         record = {k: v for k, v in result.items() if k != "table"}
-        json_out.write_text(json.dumps(record, indent=2) + "\n")
+        files.write_json(json_out, record, indent=2)
 
 
 def register(app: typer.Typer) -> None:

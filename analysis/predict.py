@@ -18,7 +18,6 @@ run both.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import typer
 
+from ccl import files
 from ccl.errors import UserError
 
 FOLDER_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -310,7 +310,7 @@ def export(run_path: Path, out: Path, *, net: int | None = None, device: str = "
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata={"format": EXPORT_FORMAT, "sidecar": out.with_suffix(".json").name})
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    files.write_json(out.with_suffix(".json"), meta, indent=2)
     return meta
 
 

@@ -27,6 +27,7 @@ from typing import Optional
 
 import typer
 
+from ccl import files
 from ccl.errors import UserError
 from ccl.train.metrics import DamagedLog, MetricsLog, summarize
 
@@ -276,9 +277,9 @@ def write(rows: list[dict], md_path: Path, metric: str, keys: list[str] | None =
     """RUNS.md and RUNS.json beside it."""
     md_path = Path(md_path)
     md_path.parent.mkdir(parents=True, exist_ok=True)
-    md_path.write_text(markdown(rows, metric, keys))
+    files.write_atomic(md_path, markdown(rows, metric, keys))
     json_path = md_path.with_suffix(".json")
-    json_path.write_text(json.dumps(rows, indent=2) + "\n")
+    files.write_json(json_path, rows, indent=2)
     return md_path, json_path
 
 

@@ -29,6 +29,7 @@ import typer
 from rich.console import Console
 from rich.progress import Progress
 
+from ccl import files
 from ccl.analysis import runs
 from ccl.errors import UserError
 from ccl.train.config import SECTIONS, TrainConfig, apply_overrides, load_config_file
@@ -158,13 +159,13 @@ def run_table(*, methods, noise, seeds, epochs, warmup, arch, out: Path, data=No
                 resume = (run_dir / "checkpoints" / "last.pt").is_file()
                 summary = train(cfg, resume=resume, progress=False)
                 summary["wall_time_s"] = time.perf_counter() - t0  # of this process only, when the run was resumed
-                done.write_text(json.dumps(summary, indent=2) + "\n")
+                files.write_json(done, summary, indent=2)
             results[name] = runs.read_run(run_dir)
             bar.advance(task)
     table = aggregate(results, cells, columns, seeds)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.json").write_text(json.dumps(table, indent=2) + "\n")
-    (out / "table.md").write_text(markdown(table, columns))
+    files.write_json(out / "table.json", table, indent=2)
+    files.write_atomic(out / "table.md", markdown(table, columns))
     console.print((out / "table.md").read_text())
     return table
 

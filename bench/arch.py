@@ -8,7 +8,6 @@ reported, with each arch's ratio to the first.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ccl import files
 from ccl.errors import UserError
 from ccl.model import ARCHS, build_nets
 
@@ -82,5 +82,5 @@ def bench_arch(archs=("resnet18", "preact_resnet18"), *, batch_size: int = 64, r
                       f"{r['images_per_s']:.0f}", f"{r['ratio']:.2f}")
         console.print(t)
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
+        files.write_json(Path(json_path), rows, indent=2)
     return rows

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ccl import files
 from ccl.train.losses.contrastive import pair_losses
 
 K = 4  # matrices per step: S_00, S_11, S_01, S_10
@@ -95,7 +96,7 @@ def bench_kernel(
     if json_path is not None:
         env = {"torch": torch.__version__, "device": device.type, "threads": torch.get_num_threads(),
                "repeats": repeats, "tau": tau, "loadavg_start": load_start, "loadavg_end": _loadavg()}  # fmt: skip
-        Path(json_path).write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+        files.write_json(Path(json_path), {"env": env, "rows": rows}, indent=2)
     return rows
 
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import gc
 import io
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -53,6 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ccl import files
 from ccl.errors import UserError
 from ccl.pipeline.loader import BACKENDS as LOADER_BACKENDS
 
@@ -406,7 +406,7 @@ def bench_pipeline(
         torch.set_num_threads(threads)
     if json_path is not None:
         record = {"command": " ".join(sys.argv), "environment": _environment(), "results": rows}
-        Path(json_path).write_text(json.dumps(record, indent=1) + "\n")
+        files.write_json(Path(json_path), record, indent=1)
     return rows
 
 

@@ -28,6 +28,7 @@ from typing import Optional  # the command's annotations are evaluated in this m
 
 import numpy as np
 
+from ccl import files
 from ccl.errors import UserError
 
 NUM_CLASSES = 1000  # WebVision 1.0
@@ -66,7 +67,7 @@ def write_synthetic(root: Path, n: int, shard_size: int, seed: int = 0) -> Path:
         lines = [f"png {o} 0 {k:09d}.png cls {o} 4 {k:09d}.cls {LABELS_EXT} {o + BLOCK} 24 {k:09d}.{LABELS_EXT}"
                  for o, k in zip(off.tolist(), index.tolist())]
         idx = f"{INDEX_VERSION} {count}\n" + "\n".join(lines) + "\n"
-        (root / index_name(tar.name)).write_text(idx)
+        files.write_atomic(root / index_name(tar.name), idx)
         shards.append({"file": tar.name, "index": index_name(tar.name), "count": count, "first_index": first,
                        "sha256": sha256_file(tar), "bytes": tar.stat().st_size,
                        "index_sha256": sha256_bytes(idx.encode())})
@@ -75,8 +76,6 @@ def write_synthetic(root: Path, n: int, shard_size: int, seed: int = 0) -> Path:
                 "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                 "splits": {"train": {"count": n, "has_clean": False, "shards": shards}},
                 "notes": ["ccl bench scale: label members only, no image bytes"]}
-    from ccl import files
-
     files.write_json(root / MANIFEST, manifest, indent=1)  # last: a set without it is unfinished
     return root
 
@@ -168,7 +167,7 @@ def bench_scale(ns: tuple[int, ...], shard_size: int, root: Path | None, keep: b
             shutil.rmtree(root, ignore_errors=True)
     _table(rows, console)
     if json_path:
-        Path(json_path).write_text(json.dumps({"command": sys.argv, "rows": rows}, indent=2) + "\n")
+        files.write_json(Path(json_path), {"command": sys.argv, "rows": rows}, indent=2)
     return rows
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from ccl import files
 from ccl.train import loop
 from ccl.train.config import TrainConfig
 from ccl.pipeline.convert import default_cache
@@ -88,7 +88,7 @@ def bench_train(*, epochs: int = 2, json_path: Path | None = None, console: Cons
                   f"{r['syncs_per_step']:.2f}")
     console.print(t)
     if json_path:
-        Path(json_path).write_text(json.dumps(rows, indent=2) + "\n")
+        files.write_json(Path(json_path), rows, indent=2)
     return rows
 
 

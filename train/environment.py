@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ccl import files
 from ccl.train import dist
 
 
@@ -96,4 +97,4 @@ def record_resume(path, epoch: int, env: dict) -> None:
     path = Path(path)
     record = json.loads(path.read_text()) if path.is_file() else {}
     record.setdefault("resumes", []).append({"from_epoch": epoch, "environment": env})
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    files.write_json(path, record, indent=2)

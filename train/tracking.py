@@ -20,6 +20,7 @@ import os
 import uuid
 from pathlib import Path
 
+from ccl import files
 from ccl.errors import UserError
 
 LOGGERS = ("none", "tensorboard", "wandb")
@@ -138,7 +139,7 @@ class WandbLogger(NullLogger):
         run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "ccl"), name=run_dir.name, id=run_id,
                               resume="allow", dir=str(run_dir), config=config, mode=wandb_mode())
-        id_file.write_text(run_id + "\n")
+        files.write_atomic(id_file, run_id + "\n")
         # Two x-axes in one run: the epoch for the epoch records, the optimiser step for the step values.
         self.run.define_metric("epoch")
         self.run.define_metric("step/step")

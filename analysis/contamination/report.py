@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ccl import files
 from ccl.errors import UserError
 from ccl.progress import bar as progress_bar
 from ccl import contamination as M
@@ -302,8 +303,8 @@ def analyze(runs: list[str | Path], out: str | Path, settings: Settings = Settin
     analysis = {"version": 1, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                 "settings": asdict(s), "summary": summary_rows(records), "runs": records}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").write_text(json.dumps(_json_safe(analysis), indent=1) + "\n")
-    (out / "report.html").write_text(render(analysis, figures))
+    files.write_json(out / "analysis.json", _json_safe(analysis), indent=1)
+    files.write_atomic(out / "report.html", render(analysis, figures))
     return analysis
 
 
