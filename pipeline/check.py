@@ -5,8 +5,9 @@
    and the index's sha256, index against tar, both copies of every sample's labels, labels in range, and the
    structure of every image (what the loaders check before a decoder sees a byte).
 3. Every image that passed, decoded by each backend's own decoder (torchvision's `decode_image`; DALI's
-   `fn.decoders.image` on the device training would use), in child processes: a decoder that crashes on an
-   image kills only its child, which is replaced, and the image is reported. Decoded sizes must match the
+   `fn.decoders.image` on the device training would use), in child processes (`ccl.pipeline.isolate`, the
+   supervisor the training loaders decode through): a decoder that crashes on or hangs over an image kills only
+   its child, which is replaced, and the image is reported. Decoded sizes must match the
    manifest's image size, when it has one.
 4. Counts per split and per class (training and clean labels) and the measured noise rate.
 
@@ -28,7 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -37,6 +38,7 @@ from ccl.errors import UserError
 from ccl.pipeline import manifest as schema
 from ccl.pipeline.loader import BACKENDS  # the decoders checked: those the loader backends use
 from ccl.pipeline.manifest import MANIFEST
+from ccl.pipeline.isolate import Isolated
 from ccl.pipeline.procs import die_with_parent
 from ccl.pipeline.scan import ShardScan, scan_shard
 from ccl.pipeline.shards import load_manifest
@@ -54,22 +56,6 @@ def _cores() -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Decoding in child processes
-
-
-def _torch_decoder():
-    import warnings
-
-    import torch
-    from torchvision.io import ImageReadMode, decode_image
-
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
-
-    def one(data: bytes) -> tuple[int, int]:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return int(img.shape[1]), int(img.shape[2])
-
-    return one
 
 
 class _DaliDecoder:
@@ -110,60 +96,53 @@ class _DaliDecoder:
         return [tuple(int(v) for v in out[i].shape()[:2]) for i in range(len(datas))]
 
 
-def _check_child(conn, progress, backend: str, device: str, parent: int) -> None:
-    """Serve ("job", tar, items, start, single_until, size) requests: decode items[start:] = (index, offset,
-    size), writing the position being decoded (an image, or the first of a DALI batch) to the shared
-    `progress` word before decoding it, so that the parent knows which image killed it; reply ("done",
-    [(index, reason)...]) with the failures."""
-    die_with_parent(parent)
-    torch_one = _torch_decoder() if backend == "torch" else None
-    dali = _DaliDecoder(device) if backend == "dali" else None
-    conn.send(("ready",))
-    while True:
-        try:
-            req = conn.recv()
-        except (EOFError, OSError):
-            return
-        if req is None:
-            return
-        _, tar, items, start, single_until, want = req
+def _measurer(backend: str, device: str):
+    """The handler of a check's decoder child (`ccl.pipeline.isolate`): a job is (tar, items, want) with items
+    (index, offset, size); it decodes items[start:] with `backend`'s decoder, one image at a time (torch) or
+    DALI_BATCH at a time (dali; one at a time below `single_until`), and fails an image that does not decode
+    or decodes to another size than `want`."""
+    if backend == "torch":
+        import torch
+
+        from ccl.pipeline.decode import _decoder
+
+        torch.set_num_threads(1)
+        decode = _decoder()
+
+        def sizes(datas):
+            return [tuple(decode(datas[0]).shape[1:])]
+    else:
+        sizes = _DaliDecoder(device).run
+
+    def handle(job, start, single_until, word):
+        tar, items, want = job
         failed = []
         fd = os.open(tar, os.O_RDONLY)
         try:
             j = start
             while j < len(items):
-                progress[:8] = j.to_bytes(8, "little")
-                step = 1 if torch_one is not None or j < single_until else min(DALI_BATCH, len(items) - j)
-                part = items[j : j + step]
-                datas = [os.pread(fd, size, off) for _, off, size in part]
+                word.set(j)
+                step = 1 if backend == "torch" or j < single_until else min(DALI_BATCH, len(items) - j)
+                datas = [os.pread(fd, size, off) for _, off, size in items[j : j + step]]
                 try:
-                    sizes = [torch_one(datas[0])] if torch_one is not None else dali.run(datas)
+                    got = sizes(datas)
                 except Exception as e:
                     if step > 1:  # which image? redo the batch one by one
                         single_until = j + step
                         continue
-                    failed.append((part[0][0], _short(e)))
+                    failed.append((j, _short(e)))
                     j += 1
                     continue
-                for (index, _, _), hw in zip(part, sizes):
+                for k, hw in enumerate(got):
                     if want is not None and tuple(hw) != tuple(want):
-                        failed.append((index, f"decodes to {hw[1]}x{hw[0]}, the manifest's image size is "
+                        failed.append((j + k, f"decodes to {hw[1]}x{hw[0]}, the manifest's image size is "
                                               f"{want[1]}x{want[0]}"))
                 j += step
-            progress[:8] = len(items).to_bytes(8, "little")
         finally:
             os.close(fd)
-        conn.send(("done", failed))
+        return failed
 
-
-def _child_entry() -> None:
-    """`python -c` entry of a decoder child: the fds of its pipe and progress word, backend, device, parent pid."""
-    import mmap
-    import sys
-    from multiprocessing.connection import Connection
-
-    fd, pfd, backend, device, parent = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
-    _check_child(Connection(fd), mmap.mmap(pfd, 8), backend, device, parent)
+    return handle
 
 
 def _short(e: Exception) -> str:
@@ -171,119 +150,6 @@ def _short(e: Exception) -> str:
     useful = [ln for ln in lines if "failure" in ln.lower() or "error" in ln.lower() or "failed" in ln.lower()]
     text = (useful[-1] if useful else lines[-1] if lines else "") if len(lines) > 1 else (lines[0] if lines else "")
     return f"{type(e).__name__}: {text}"[:300]
-
-
-class _DecodeWorker:
-    """One child process for one backend, driven from a thread of the parent; replaced when it dies.
-
-    A fresh interpreter (subprocess, `python -c`), not multiprocessing: a fork of this threaded process could
-    deadlock, and spawn would re-run the caller's main module. They talk over a socket pair; the child writes
-    the position it is decoding to an 8-byte word both map (a file with no name), which costs nothing per
-    image, unlike a message."""
-
-    def __init__(self, backend: str, device: str):
-        import mmap
-        import tempfile
-
-        self.backend, self.device = backend, device
-        self.proc = None
-        self.conn = None
-        self._word = tempfile.TemporaryFile()
-        self._word.truncate(8)
-        self.progress = mmap.mmap(self._word.fileno(), 8)
-        self.startup_s = 0.0  # seconds children spent importing their decoders, in all
-
-    def _start(self) -> None:
-        import socket
-        import subprocess
-        import sys
-        from multiprocessing.connection import Connection
-
-        t0 = time.perf_counter()
-        ours, theirs = socket.socketpair()
-        code = "from ccl.pipeline.check import _child_entry; _child_entry()"
-        fds = (theirs.fileno(), self._word.fileno())
-        argv = [sys.executable, "-c", code, *map(str, fds), self.backend, self.device, str(os.getpid())]
-        # The child's stderr is dropped: decoders print a line per bad image (libpng, libjpeg, nvImageCodec).
-        self.proc = subprocess.Popen(argv, pass_fds=fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        theirs.close()
-        self.conn = Connection(ours.detach())
-        try:
-            msg = self.conn.recv() if self.conn.poll(300) else None
-            if not msg or msg[0] != "ready":
-                raise EOFError
-            self.startup_s += time.perf_counter() - t0
-        except (EOFError, OSError):
-            how = self._stop(kill=True)
-            raise RuntimeError(f"the {self.backend} decoder process did not start ({how})") from None
-
-    def _stop(self, kill: bool) -> str:
-        how = "killed"
-        if self.proc is not None:
-            if kill and self.proc.poll() is None:
-                self.proc.kill()
-            code = self.proc.wait()
-            import signal
-
-            how = signal.Signals(-code).name if code < 0 else f"exit {code}"
-            self.conn.close()
-        self.proc = self.conn = None
-        return how
-
-    def _pos(self) -> int:
-        return int.from_bytes(self.progress[:8], "little", signed=True)
-
-    def run(self, tar: str, items: list[tuple[int, int, int]], want, advance: Callable[[int], None]):
-        """(index, reason) of the items that failed to decode."""
-        failed: list[tuple[int, str]] = []
-        start, single_until, done = 0, 0, 0
-        while start < len(items):
-            if self.proc is None:
-                self._start()
-            self.progress[:8] = (-1).to_bytes(8, "little", signed=True)
-            try:
-                self.conn.send(("job", tar, items, start, single_until, None if want is None else tuple(want)))
-                last, since = -1, 0.0
-                while not self.conn.poll(0.5):
-                    pos = self._pos()
-                    if pos > done:
-                        advance(pos - done)
-                        done = pos
-                    since = 0.0 if pos != last else since + 0.5
-                    last = pos
-                    if pos >= start and since >= STALL_S:
-                        raise TimeoutError
-                msg = self.conn.recv()
-                if msg[0] != "done":
-                    raise RuntimeError(f"unexpected message from the {self.backend} decoder process: {msg!r}")
-                failed += msg[1]
-                start = len(items)
-            except TimeoutError:
-                pos = self._pos()
-                self._stop(kill=True)
-                failed.append((items[pos][0], f"{self.backend} decoder hung (no progress in {STALL_S:.0f} s)"))
-                start = pos + 1
-            except (EOFError, OSError):
-                pos = self._pos()
-                how = self._stop(kill=True)
-                if pos < start:
-                    raise RuntimeError(f"the {self.backend} decoder process died before decoding ({how})") from None
-                if self.backend == "dali" and pos >= single_until:  # died in a batch: redo it one by one
-                    start, single_until = pos, pos + DALI_BATCH
-                    continue
-                failed.append((items[pos][0], f"{self.backend} decoder crashed ({how})"))
-                start = pos + 1
-        advance(len(items) - done)
-        return failed
-
-    def close(self) -> None:
-        # Killed, not asked to exit: it holds nothing to save, and tearing down an interpreter that imported
-        # torch takes seconds.
-        if self.proc is not None:
-            self._stop(kill=True)
-        self.progress.close()
-        self._word.close()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,7 +338,8 @@ def _decode_backend(backend, device, root, manifest, splits, workers, bar, repor
     startups: list[float] = []  # per driver thread: the wall time its first child took to start
 
     def drive():
-        w = _DecodeWorker(backend, device)
+        w = Isolated(_measurer, (backend, device), fork=False, batch=DALI_BATCH if backend == "dali" else 1,
+                     name=f"{backend} decoder", stall_s=STALL_S)
         first_job = True
         try:
             while True:
@@ -482,7 +349,8 @@ def _decode_backend(backend, device, root, manifest, splits, workers, bar, repor
                     return
                 base, shard = int(rec["first_index"]), rec["file"]
                 items = [(base + int(k), int(scan.offset[k]), int(scan.size[k])) for k in ks]
-                failed = w.run(str(root / shard), items, want, lambda d: bar.advance(task, d))
+                failed = [(items[pos][0], why) for pos, why in
+                          w.run((str(root / shard), items, want), len(items), lambda d: bar.advance(task, d))]
                 if first_job:
                     startups.append(w.startup_s)
                     first_job = False

@@ -1,13 +1,12 @@
-"""Decoding shard images to uint8 CHW tensors, and `IsolatedDecoder`: the child process that decodes so that a
-crash or a hang on one image kills only the child (the image is skipped and reported, a new child takes the rest
-of the batch)."""
+"""Decoding shard images to uint8 CHW tensors, and `IsolatedDecoder`: batches decoded in a child process
+(`ccl.pipeline.isolate`) so that a crash or a hang on one image kills only the child (the image is skipped and
+reported, a new child takes the rest of the batch)."""
 
 from __future__ import annotations
 
 import io
 import mmap
 import os
-import signal
 import warnings
 
 import numpy as np
@@ -15,10 +14,9 @@ import torch
 
 from ccl.errors import UserError
 from ccl.pipeline.imagecheck import image_problem
-from ccl.pipeline.procs import die_with_parent
+from ccl.pipeline.isolate import Isolated
 
 DECODE_STALL_S = 60.0  # a decoder child that makes no progress on one image for this long is killed (a hang)
-START_TIMEOUT_S = 300.0  # a decoder child that has not begun its first image by then is a broken setup
 VARIABLE_LOAD_SIZE = 224  # default load size for sets whose images differ in size (ImageNet-style)
 EVAL_RESIZE_RATIO = 256 / 224  # short side resized to load * ratio before the centre crop (the 256 -> 224 rule)
 
@@ -84,10 +82,10 @@ def decode_to(data: bytes, hw: tuple[int, int], variable: bool, decode=None) -> 
 DECODE_ERRORS = (RuntimeError, OSError, ValueError)
 
 
-def decode_items(items, paths, hw, variable, validate, out: torch.Tensor, start: int, progress=None,
+def decode_items(items, paths, hw, variable, validate, out: torch.Tensor, start: int, word=None,
                   fds: dict | None = None, decode=None) -> list[tuple[int, str]]:
     """Read and decode items[start:] = (shard, offset, size) into out[j] ([N, 3, H, W] uint8); returns the
-    (position, reason) of the images that failed. `progress` (8 shared bytes), if given, holds the position
+    (position, reason) of the images that failed. `word` (an `isolate.Word`), if given, is told the position
     being decoded, so that whoever watches this process knows which image it died on."""
     fds = {} if fds is None else fds
     decode = decode or _decoder()
@@ -96,8 +94,8 @@ def decode_items(items, paths, hw, variable, validate, out: torch.Tensor, start:
         # torchvision 0.29 warns on every decode call that its decoders are deprecated; once is plenty.
         warnings.filterwarnings("ignore", message="The image decoding and encoding", category=DeprecationWarning)
         for j in range(start, len(items)):
-            if progress is not None:
-                progress[:8] = j.to_bytes(8, "little", signed=True)
+            if word is not None:
+                word.set(j)
             s, off, size = items[j]
             try:
                 fd = fds.get(s)
@@ -116,156 +114,50 @@ def decode_items(items, paths, hw, variable, validate, out: torch.Tensor, start:
     return failed
 
 
-def _child_main(conn, paths, hw, variable, validate, buf, progress, parent: int) -> None:
-    """The decoder child: serves (start, items) requests until told to stop or its parent dies."""
-    die_with_parent(parent)
-    # A DataLoader worker's fatal-signal handlers print "Unexpected segmentation fault encountered in worker":
-    # here a crash is expected and handled by the parent, so the child just dies.
-    for sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL):
-        signal.signal(sig, signal.SIG_DFL)
+def _into_buffer(paths, hw, variable, validate, buf):
+    """The handler of an `IsolatedDecoder`'s child: decodes a job's items into the shared buffer."""
     torch.set_num_threads(1)  # one image at a time; and a forked intra-op pool is not safe to use
     # Through numpy: a tensor made by torch.frombuffer over an mmap copies about 100x slower.
     view = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
     fds: dict[int, int] = {}
     decode = _decoder()
     h, w = hw
-    while True:
-        try:
-            req = conn.recv()
-        except (EOFError, OSError):
-            return
-        if req is None:
-            return
-        start, items = req
+
+    def handle(items, start, single_until, word):
         out = view[: len(items) * 3 * h * w].view(len(items), 3, h, w)
-        conn.send(("done", decode_items(items, paths, hw, variable, validate, out, start, progress, fds, decode)))
+        return decode_items(items, paths, hw, variable, validate, out, start, word, fds, decode)
+
+    return handle
 
 
 class IsolatedDecoder:
-    """Decodes batches in a forked child process, into shared memory. A crash (or a hang) costs the image it
-    happened on, never the caller: the child is replaced and the rest of the batch goes on.
-
-    Forked with os.fork, not multiprocessing: DataLoader workers are daemonic, and multiprocessing refuses
-    children of daemons. The child gets SIGKILL when its parent dies (die_with_parent)."""
+    """Decodes batches in a forked child process (`ccl.pipeline.isolate.Isolated`), into shared memory: a crash
+    or a hang costs the image it happened on, never the caller; the child is replaced and the rest of the batch
+    goes on."""
 
     def __init__(self, paths: list[str], hw: tuple[int, int], variable: bool, validate: bool, max_batch: int):
-        self.paths, self.hw, self.variable, self.validate = paths, hw, variable, validate
-        self.max_batch = max_batch
+        self.hw, self.max_batch = hw, max_batch
         self.buf = mmap.mmap(-1, max_batch * 3 * hw[0] * hw[1])  # anonymous and MAP_SHARED: the child sees it
-        self.progress = mmap.mmap(-1, 8)
-        self.pid: int | None = None
-        self.conn = None
-        self.restarts = 0
-
-    def _start(self) -> None:
-        import multiprocessing.connection as mpc
-
         # Import what decoding needs here, once: every child forked after that starts in milliseconds.
         _decoder()
         from torchvision.transforms.v2 import functional  # noqa: F401
 
-        ours, theirs = mpc.Pipe()
-        parent = os.getpid()
-        pid = os.fork()
-        if pid == 0:  # the child: never returns into the caller's code
-            code = 0
-            try:
-                ours.close()
-                _child_main(theirs, self.paths, self.hw, self.variable, self.validate, self.buf, self.progress, parent)
-            except BaseException:  # a bug of ours, not a bad image: the parent raises it with this traceback
-                import traceback
+        self.child = Isolated(_into_buffer, (paths, hw, variable, validate, self.buf), fork=True, name="decoder",
+                              stall_s=DECODE_STALL_S)
 
-                code = 1
-                try:
-                    theirs.send(("error", traceback.format_exc()))
-                except BaseException:
-                    pass
-            finally:
-                os._exit(code)
-        theirs.close()
-        self.pid, self.conn = pid, ours
-
-    def _stop(self, kill: bool) -> str:
-        """End the child; returns how it ended ("SIGSEGV", "exit 1", ...)."""
-        how = "killed"
-        if self.pid is not None:
-            if kill:
-                try:
-                    os.kill(self.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                _, status = os.waitpid(self.pid, 0)
-                code = os.waitstatus_to_exitcode(status)
-                how = signal.Signals(-code).name if code < 0 else f"exit {code}"
-            except (ChildProcessError, ValueError):
-                pass
-            self.conn.close()
-        self.pid, self.conn = None, None
-        return how
-
-    def _progress(self) -> int:
-        return int.from_bytes(self.progress[:8], "little", signed=True)
+    @property
+    def restarts(self) -> int:
+        return self.child.restarts
 
     def decode(self, items: list[tuple[int, int, int]]) -> tuple[torch.Tensor, list[tuple[int, str]]]:
         """uint8 [N, 3, H, W] for items = (shard, offset, size), and the (position, reason) of failures."""
         n = len(items)
         if n > self.max_batch:
             raise ValueError(f"batch of {n} exceeds the decoder's buffer of {self.max_batch}")
-        failed: list[tuple[int, str]] = []
-        start, idle_deaths = 0, 0
-        while start < n:
-            if self.pid is None:
-                self._start()
-            self.progress[:8] = (-1).to_bytes(8, "little", signed=True)
-            try:
-                self.conn.send((start, items))
-                last, since = -1, 0.0
-                while not self.conn.poll(1.0):
-                    pos = self._progress()
-                    since = 0.0 if pos != last else since + 1.0
-                    last = pos
-                    if pos < start:  # not started yet (a new child imports its decoders first)
-                        if since >= START_TIMEOUT_S:
-                            self._stop(kill=True)
-                            raise RuntimeError(f"the decoder process did not start in {START_TIMEOUT_S:.0f} s")
-                    elif since >= DECODE_STALL_S:
-                        failed.append((pos, f"the decoder hung (no progress in {DECODE_STALL_S:.0f} s); skipped"))
-                        self._stop(kill=True)
-                        start = pos + 1
-                        break
-                else:
-                    kind, payload = self.conn.recv()
-                    if kind == "error":
-                        self._stop(kill=True)
-                        raise RuntimeError(f"the decoder process failed:\n{payload}")
-                    failed += payload
-                    break
-            except (EOFError, OSError):  # the child died: on the image it was decoding, or before any
-                pos = self._progress()
-                how = self._stop(kill=True)
-                self.restarts += 1
-                if pos < start:
-                    idle_deaths += 1
-                    if idle_deaths > 2:
-                        raise RuntimeError(f"the decoder process keeps dying before decoding anything ({how})")
-                    continue
-                failed.append((pos, f"the decoder crashed ({how}) on this image; skipped"))
-                start = pos + 1
+        failed = self.child.run(items, n)
         h, w = self.hw
         images = torch.from_numpy(np.frombuffer(self.buf, dtype=np.uint8, count=n * 3 * h * w).copy()).view(n, 3, h, w)
-        return images, sorted(failed)
+        return images, failed
 
     def close(self) -> None:
-        if self.pid is not None:
-            try:
-                self.conn.send(None)
-            except OSError:
-                pass
-            self._stop(kill=True)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        self.child.close()

@@ -331,18 +331,8 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
     run = setup(cfg, data_dir)
     cfg, method, device = run.cfg, run.method, run.device
     main, progress = dist.is_main(), progress and dist.is_main()
-    if cfg.recipe is not None:
-        from ccl.train import recipes
-
-        recipes.check_dataset(cfg.recipe, recipes.load(cfg.recipe), run.identity["dataset"])
-    run_dir = dist.rank0_call(rundir.claim, cfg, run.identity["dataset"], resume, overwrite)  # locked by rank 0
+    run_dir = _claim(run, resume, overwrite)
     ck_dir = run_dir / "checkpoints"
-    if main:
-        files.make_dir(ck_dir)
-        if method.warmup >= cfg.epochs and type(method).default_warmup:
-            print(f"warning: the warm-up ({method.warmup} epochs) covers all {cfg.epochs} epochs: {cfg.method} "
-                  "trains only its warm-up (plain CE); lower --warmup, or raise --epochs (a warm-up-only run "
-                  "continues with --resume --epochs N)", file=sys.stderr)
     log = MetricsLog(run_dir / "metrics.jsonl")
     run.logger = make_logger(cfg.logger, run_dir, cfg.to_dict(), main=main)
 
@@ -359,14 +349,7 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
                   "command": sys.argv, "environment": environment(cfg, device, amp_dtype(device, cfg.amp))}
         files.write_json(run_dir / "config.json", record)
 
-    # Model selection never looks at the test split: best.pt is chosen on a held-out part of the training set.
-    val = held_out(run.identity["num_train"], cfg.val_fraction, cfg.seed)
-    fit = np.flatnonzero(~val) if val.any() else None
-    method.hold_out(torch.from_numpy(val))  # the confidence (GMM) is fitted on the samples it trains on
-    train_loader = split_loader(run, "train", train=True, subset=fit)
-    test_loader = split_loader(run, "test", train=False)
-    train_in_order = split_loader(run, "train", train=False, subset=fit)
-    val_loader = split_loader(run, "train", train=False, subset=np.flatnonzero(val)) if val.any() else None
+    train_loader, train_in_order, val_loader, test_loader = _loaders(run)
     labels, clean = run.shards.labels("train")
     has_clean = bool((clean >= 0).all())
     run.model = dist.wrap(method, sync_bn=cfg.sync_bn)
@@ -448,6 +431,39 @@ def _train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, a
     summary = dist.broadcast_object(summary)
     dist.shutdown()
     return summary
+
+
+def _claim(run: Run, resume: bool, overwrite: bool) -> Path:
+    """The run directory, claimed (locked by rank 0) with its checkpoints/ folder; the recipe's dataset checked
+    first, and a warning when the warm-up would be all the run trains."""
+    cfg, method = run.cfg, run.method
+    if cfg.recipe is not None:
+        from ccl.train import recipes
+
+        recipes.check_dataset(cfg.recipe, recipes.load(cfg.recipe), run.identity["dataset"])
+    run_dir = dist.rank0_call(rundir.claim, cfg, run.identity["dataset"], resume, overwrite)
+    if dist.is_main():
+        files.make_dir(run_dir / "checkpoints")
+        if method.warmup >= cfg.epochs and type(method).default_warmup:
+            print(f"warning: the warm-up ({method.warmup} epochs) covers all {cfg.epochs} epochs: {cfg.method} "
+                  "trains only its warm-up (plain CE); lower --warmup, or raise --epochs (a warm-up-only run "
+                  "continues with --resume --epochs N)", file=sys.stderr)
+    return run_dir
+
+
+def _loaders(run: Run):
+    """(train, train in order, validation or None, test) loaders. Model selection never looks at the test split:
+    best.pt is chosen on a held-out part of the training set, which the method is told to leave out of its
+    confidence (the GMM is fitted on the samples it trains on)."""
+    cfg = run.cfg
+    val = held_out(run.identity["num_train"], cfg.val_fraction, cfg.seed)
+    fit = np.flatnonzero(~val) if val.any() else None
+    run.method.hold_out(torch.from_numpy(val))
+    train = split_loader(run, "train", train=True, subset=fit)
+    test = split_loader(run, "test", train=False)
+    in_order = split_loader(run, "train", train=False, subset=fit)
+    held = split_loader(run, "train", train=False, subset=np.flatnonzero(val)) if val.any() else None
+    return train, in_order, held, test
 
 
 def _resume(run: Run, run_dir: Path, opt, scaler, rng: Rng, log: MetricsLog, allow_changes: bool):
