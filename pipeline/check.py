@@ -104,10 +104,10 @@ def _measurer(backend: str, device: str):
     if backend == "torch":
         import torch
 
-        from ccl.pipeline.decode import _decoder
+        from ccl.pipeline.decode import image_decoder
 
         torch.set_num_threads(1)
-        decode = _decoder()
+        decode = image_decoder()
 
         def sizes(datas):
             return [tuple(decode(datas[0]).shape[1:])]

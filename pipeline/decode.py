@@ -37,7 +37,7 @@ def short_side(hw: tuple[int, int]) -> int:
     return round(max(hw) * EVAL_RESIZE_RATIO)
 
 
-def _decoder():
+def image_decoder():
     """torchvision's decoder (about 3x faster than PIL on small PNGs); PIL where torchvision no longer has one
     (torchvision 0.29 deprecated its image decoders in favour of TorchCodec)."""
     try:
@@ -69,7 +69,7 @@ def decode_to(data: bytes, hw: tuple[int, int], variable: bool, decode=None) -> 
     """
     from torchvision.transforms.v2 import functional as TF
 
-    img = (decode or _decoder())(data)  # [3, h, w]
+    img = (decode or image_decoder())(data)  # [3, h, w]
     if tuple(img.shape[1:]) == hw:
         return img
     if variable:
@@ -88,7 +88,7 @@ def decode_items(items, paths, hw, variable, validate, out: torch.Tensor, start:
     (position, reason) of the images that failed. `word` (an `isolate.Word`), if given, is told the position
     being decoded, so that whoever watches this process knows which image it died on."""
     fds = {} if fds is None else fds
-    decode = decode or _decoder()
+    decode = decode or image_decoder()
     failed = []
     with warnings.catch_warnings():
         # torchvision 0.29 warns on every decode call that its decoders are deprecated; once is plenty.
@@ -120,7 +120,7 @@ def _into_buffer(paths, hw, variable, validate, buf):
     # Through numpy: a tensor made by torch.frombuffer over an mmap copies about 100x slower.
     view = torch.from_numpy(np.frombuffer(buf, dtype=np.uint8))
     fds: dict[int, int] = {}
-    decode = _decoder()
+    decode = image_decoder()
     h, w = hw
 
     def handle(items, start, single_until, word):
@@ -139,7 +139,7 @@ class IsolatedDecoder:
         self.hw, self.max_batch = hw, max_batch
         self.buf = mmap.mmap(-1, max_batch * 3 * hw[0] * hw[1])  # anonymous and MAP_SHARED: the child sees it
         # Import what decoding needs here, once: every child forked after that starts in milliseconds.
-        _decoder()
+        image_decoder()
         from torchvision.transforms.v2 import functional  # noqa: F401
 
         self.child = Isolated(_into_buffer, (paths, hw, variable, validate, self.buf), fork=True, name="decoder",

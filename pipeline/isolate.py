@@ -152,7 +152,11 @@ class Isolated:
                                          stderr=subprocess.DEVNULL)
             b.close()
             self.pid, self.conn = self.proc.pid, mpc.Connection(a.detach())
-            self.conn.send(("setup", self.make, self.args))
+            try:
+                self.conn.send(("setup", self.make, self.args))
+            except Exception:  # cannot be pickled (a lambda, an open file): not a child's fault
+                self._stop(kill=True)
+                raise
         try:
             msg = self.conn.recv() if self.conn.poll(START_TIMEOUT_S) else ("timeout", None)
         except (EOFError, OSError):

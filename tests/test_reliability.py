@@ -215,7 +215,7 @@ def test_fuzzed_shards_never_take_the_run_down(sets, tmp_path, backend, ext):
 # Decoder crashes and hangs: isolated, the image skipped and named, the epoch goes on
 
 
-_REAL_DECODER = decode_mod._decoder
+_REAL_DECODER = decode_mod.image_decoder
 
 
 def _crashing_decoder(victim: bytes, how: str):
@@ -240,7 +240,7 @@ def test_decoder_crash_or_hang_costs_one_image(digits, monkeypatch, workers, how
     with open(ss.shards("test")[0], "rb") as f:
         f.seek(offset)
         victim = f.read(size)
-    monkeypatch.setattr(decode_mod, "_decoder", lambda: _crashing_decoder(victim, how))
+    monkeypatch.setattr(decode_mod, "image_decoder", lambda: _crashing_decoder(victim, how))
     if how == "hang":  # long enough that a busy machine's scheduling pauses are not taken for a hang
         monkeypatch.setattr(decode_mod, "DECODE_STALL_S", 10.0)
 
