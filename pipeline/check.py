@@ -39,8 +39,8 @@ from ccl.pipeline import manifest as schema
 from ccl.pipeline.loader import BACKENDS  # the decoders checked: those the loader backends use
 from ccl.pipeline.manifest import MANIFEST
 from ccl.pipeline.isolate import Isolated
-from ccl.pipeline.procs import die_with_parent
-from ccl.pipeline.scan import ShardScan, scan_shard
+from ccl.pipeline.procs import die_with_parent, usable_cores
+from ccl.pipeline.scan import ShardScan, scan_task
 from ccl.pipeline.shards import load_manifest
 from ccl.pipeline.tarshard import sample_key
 from ccl.progress import Bars
@@ -48,10 +48,6 @@ from ccl.progress import Bars
 REPORT = "check.json"
 DALI_BATCH = 32  # images per DALI run; a batch that fails is redone image by image to name the culprit
 STALL_S = 120.0  # a decoder child with no progress for this long is killed and the image reported as a hang
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -211,7 +207,7 @@ def check(data, *, backends: list[str] | None = None, workers: int | None = None
             import torch
 
             dali_device = "gpu" if torch.cuda.is_available() else "cpu"
-    workers = max(1, workers or _cores())
+    workers = max(1, workers or usable_cores())
     report: dict = {"data": str(root), "ok": False, "problems": [], "damaged": [], "decode_failures": [],
                     "warnings": [], "splits": {}, "timing": {}, "backends": backends, "dali_device": dali_device}
 
@@ -249,7 +245,7 @@ def check(data, *, backends: list[str] | None = None, workers: int | None = None
             m = manifest["splits"][sp.name]
             size = tuple(manifest["image_size"]) if manifest.get("image_size") else None
             args = [(root, rec, sp.name, num_classes, bool(m["has_clean"]), True, True, size) for rec in m["shards"]]
-            results = pool.map(_scan_task, args) if pool else map(_scan_task, args)
+            results = pool.map(scan_task, args) if pool else map(scan_task, args)
             for rec, scan in zip(m["shards"], results):
                 sp.scans.append(scan)
                 report["problems"] += [f"split {sp.name!r}: {p}" for p in scan.problems]
@@ -295,10 +291,6 @@ def check(data, *, backends: list[str] | None = None, workers: int | None = None
         }
     report["ok"] = not (report["problems"] or report["damaged"] or report["decode_failures"])
     return report
-
-
-def _scan_task(args) -> ShardScan:
-    return scan_shard(*args)
 
 
 def _rate(images: int, seconds: float, startup: float = 0.0) -> dict:

@@ -39,3 +39,7 @@ def _watch_parent(parent: int) -> None:
         time.sleep(1.0)
     os._exit(1)
 
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which taskset and cgroups narrow), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -16,7 +16,7 @@ import numpy as np
 from ccl.errors import UserError
 from ccl.pipeline.imagecheck import image_problem
 from ccl.pipeline.manifest import MANIFEST
-from ccl.pipeline.procs import die_with_parent
+from ccl.pipeline.procs import die_with_parent, usable_cores
 from ccl.pipeline.tarshard import (
     IMAGE_EXTS, LABELS_EXT, TAR_BLOCK, index_from_tar, parse_index_text, sample_key, sha256_bytes, split_member_name,
     unpack_labels,
@@ -267,7 +267,8 @@ def scan_shard(root: Path, rec: dict, split: str, num_classes: int, has_clean: b
     return out
 
 
-def _scan_task(args) -> ShardScan:
+def scan_task(args) -> ShardScan:
+    """`scan_shard(*args)`: what a process pool maps (ccl check's too)."""
     return scan_shard(*args)
 
 
@@ -296,14 +297,13 @@ def scan_parallel(tasks: list[tuple], workers: int | None = None) -> Iterator[Sh
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    workers = min(len(tasks), cores if workers is None else max(1, workers))
+    workers = min(len(tasks), usable_cores() if workers is None else max(1, workers))
     total = sum(int(t[1]["bytes"]) for t in tasks)
     if workers <= 1 or total < (64 << 20) or "fork" not in multiprocessing.get_all_start_methods():
-        yield from map(_scan_task, tasks)
+        yield from map(scan_task, tasks)
         return
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-        yield from pool.map(_scan_task, tasks)
+        yield from pool.map(scan_task, tasks)
 
 
