@@ -194,20 +194,36 @@ class ShardSet:
         return scan.label.copy(), scan.clean.copy()
 
     def iter_samples(self, split: str) -> Iterator[Sample]:
-        """Decoded samples in index order, read where the shards' index files (`parse_index_text`) place them."""
-        for tar, idx in zip(self.shards(split), self.index_files(split)):
-            try:
-                entries = parse_index_text(idx.read_bytes(), str(idx))
-            except OSError as e:
-                raise UserError(f"{idx}: cannot read ({e.strerror})") from None
-            with open(tar, "rb") as f:
-                for comps in entries:
-                    image = next((e for e in IMAGE_EXTS if e in comps), None)
-                    if image is None or LABELS_EXT not in comps:
-                        raise UserError(f"{idx}: a sample without {'an image' if image is None else LABELS_EXT}")
-                    read = lambda c: os.pread(f.fileno(), comps[c].size, comps[c].offset)  # noqa: E731
-                    index, label, clean = unpack_labels(read(LABELS_EXT))
-                    yield Sample(index, label, clean, decode_image(read(image)))
+        """Decoded samples in index order, read where the shards' index files place them (`indexed_samples`)."""
+        tars, fds = self.shards(split), {}
+        try:
+            for s, comps, image in indexed_samples(self, split):
+                if LABELS_EXT not in comps:
+                    raise UserError(f"{self.index_files(split)[s]}: a sample without {LABELS_EXT}")
+                if s not in fds:
+                    fds[s] = os.open(tars[s], os.O_RDONLY)
+                read = lambda c: os.pread(fds[s], comps[c].size, comps[c].offset)  # noqa: E731
+                index, label, clean = unpack_labels(read(LABELS_EXT))
+                yield Sample(index, label, clean, decode_image(read(image)))
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+
+def indexed_samples(shards: "ShardSet", split: str) -> Iterator[tuple[int, dict, str]]:
+    """(shard position, {component: IndexField}, image component) per sample of a split, in index order, from
+    the split's index files (read by `parse_index_text`)."""
+    for s, idx in enumerate(shards.index_files(split)):
+        try:
+            raw = idx.read_bytes()
+        except OSError as e:
+            raise UserError(f"{idx}: cannot read ({e.strerror}); every shard has a DALI index next to it "
+                            "(reconvert with tools/shard.py)") from None
+        for k, comps in enumerate(parse_index_text(raw, str(idx))):
+            image = next((e for e in IMAGE_EXTS if e in comps), None)
+            if image is None:
+                raise UserError(f"{idx}: sample {k} of the file has no {' or '.join(IMAGE_EXTS)} component")
+            yield s, comps, image
 
 
 @dataclass(frozen=True)
@@ -227,7 +243,7 @@ class SampleLocations:
 
 
 def sample_locations(shards: "ShardSet", split: str) -> SampleLocations:
-    """Where each sample of a split lives, from the split's index files (read by `parse_index_text`)."""
+    """Where each sample of a split lives, from the split's index files (`indexed_samples`)."""
     tars = shards.shards(split)
     n = shards.count(split)
     shard = np.empty(n, np.int32)
@@ -236,23 +252,14 @@ def sample_locations(shards: "ShardSet", split: str) -> SampleLocations:
     ext: list[str] = []
     key: list[str] = []
     pos = 0
-    for s, idx in enumerate(shards.index_files(split)):
-        try:
-            raw = idx.read_bytes()
-        except OSError as e:
-            raise UserError(f"{idx}: cannot read ({e.strerror}); every shard has a DALI index next to it "
-                            "(reconvert with tools/shard.py)") from None
-        for comps in parse_index_text(raw, str(idx)):
-            image = next((e for e in IMAGE_EXTS if e in comps), None)
-            if image is None:
-                raise UserError(f"{idx}: sample {pos} has no {' or '.join(IMAGE_EXTS)} component")
-            if pos >= n:
-                raise UserError(f"split {split!r}: the shards hold more samples than the manifest's {n}")
-            field_ = comps[image]
-            shard[pos], offset[pos], size[pos] = s, field_.offset, field_.size
-            ext.append(image)
-            key.append(split_member_name(field_.name)[0])
-            pos += 1
+    for s, comps, image in indexed_samples(shards, split):
+        if pos >= n:
+            raise UserError(f"split {split!r}: the shards hold more samples than the manifest's {n}")
+        field_ = comps[image]
+        shard[pos], offset[pos], size[pos] = s, field_.offset, field_.size
+        ext.append(image)
+        key.append(split_member_name(field_.name)[0])
+        pos += 1
     if pos != n:
         raise UserError(f"split {split!r}: the shards hold {pos} samples, the manifest says {n}")
     return SampleLocations(list(tars), shard, offset, size, ext, key)
