@@ -178,7 +178,6 @@ def test_runs_command_prints_and_writes_markdown_and_json(tb_run, tmp_path):
     fake_run(tmp_path, "old", "ce", "sym:0.4", 0, 10.0, 0.5)
     from ccl.cli import app
 
-    app.command("other")(lambda: None)
     out = tmp_path / "cmp.md"
     r = CliRunner().invoke(app, ["runs", str(tb_run.parent), str(tmp_path), "--out", str(out), "--last", "1"])
     assert r.exit_code == 0, r.output

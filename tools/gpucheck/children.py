@@ -57,7 +57,9 @@ def child_versions(cfg: dict, cuda: bool) -> tuple[dict, list[str]]:
         "gpu": None,
     }
     import ccl.train
+    from ccl.train.methods import METHODS
 
+    d["methods"] = list(METHODS)  # what the training items train (`items._method_specs`)
     d["ccl_source"] = str(Path(ccl.train.__file__).parent)
     d["ccl_code"] = str(Path(ccl.train.__file__).resolve().parent)
     d["install"] = os.environ.get("CCL_GPU_CHECK_INSTALL_REPORT", "")

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 from gpucheck.settings import ALL_METHODS, BREAK, ESTIMATE_S, Fail, ITEMS, SELF, SMOKE_COMPILE_BACKEND, Skip
-from gpucheck.procs import Proc, child_env, cli, run_all
+from gpucheck.procs import Proc, cli, run_all
 from gpucheck.run import Run
 from gpucheck.children import nvidia_smi
 
@@ -77,16 +76,15 @@ def _inspect(run: Run, paths: list[Path]) -> dict:
 
 
 def _method_specs(run: Run, *lists) -> list[tuple[str, ...]]:
-    """Each list of method specs as given, ALL_METHODS as every method ccl trains: METHODS's names, read in a
-    CPU-only child (this process imports no ccl, so a broken install is a finding, not a crash), and ccl-alternate."""
+    """Each list of method specs as given, ALL_METHODS as every method ccl trains: METHODS's names, as the
+    versions item's child reported them (this process imports no ccl, so a broken install is a finding, not a
+    crash), and ccl-alternate."""
     if ALL_METHODS not in lists:
         return [tuple(x) for x in lists]
-    code = "from ccl.train.methods import METHODS; print(*METHODS)"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=run.timeout(300),
-                       env=child_env(run.mode, cpu_only=True))
-    if p.returncode != 0 or not p.stdout.split():
-        raise RuntimeError(f"cannot read ccl's method names: {p.stderr.strip()[-1000:]}")
-    every = (*p.stdout.split(), "ccl-alternate")
+    names = run.results.get("versions", {}).get("details", {}).get("methods")
+    if not names:
+        raise Fail("the versions item reported no method names (ccl did not import there)")
+    every = (*names, "ccl-alternate")
     return [every if x == ALL_METHODS else tuple(x) for x in lists]
 
 

@@ -24,7 +24,7 @@ _SETS_FULL = {
 }
 
 # The training items' method specs: ALL_METHODS is every method of ccl.train.methods.METHODS (the one list of
-# method names, read in a child by `_method_specs`), then "ccl-alternate" (ccl under the alternate schedule).
+# method names, as the versions item's child reports them; `_method_specs`), then "ccl-alternate" (ccl under the alternate schedule).
 ALL_METHODS = "all"
 
 MODES = {
