@@ -42,7 +42,8 @@ def toy(crash=(), hang=(), bug=(), refuse=(), group=1, fail_make=False):
 @pytest.fixture(params=["fork", "exec"])
 def fork(request, monkeypatch):
     # A fresh interpreter unpickles `toy` by module name: it must find this folder.
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    here = [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in here if p))
     return request.param == "fork"
 
 

@@ -22,6 +22,16 @@ from gpucheck.children import nvidia_smi
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _verdict(details: dict, problems: list[str], skipped: list[str], rows: list | None = None) -> dict:
+    """An item's result: failed on any problem (with its details), skipped when it measured no rows at all (the
+    reasons are its skipped parts), else passed."""
+    if problems:
+        raise Fail("; ".join(problems)[:2000], details)
+    if rows is not None and not rows:
+        raise Skip("; ".join(skipped))
+    return {"status": "passed", "details": details, "skipped_parts": skipped}
+
+
 def item_versions(run: Run) -> dict:
     res = run.child("versions", run.timeout(120))
     d = res.get("details", {})
@@ -222,9 +232,7 @@ def item_resume_cpu(run: Run) -> dict:
     elif not details["eval"] or "ens_top1" not in details["eval"]:
         problems.append(f"eval: no ensemble accuracy in {details['eval']}")
     skipped = [] if run.cuda else ["across devices: the checkpoint was written on the CPU (no CUDA)"]
-    if problems:
-        raise Fail("; ".join(problems)[:2000], details)
-    return {"status": "passed", "details": details, "skipped_parts": skipped}
+    return _verdict(details, problems, skipped)
 
 
 def item_bench_kernel(run: Run) -> dict:
@@ -265,9 +273,7 @@ def item_bench_kernel(run: Run) -> dict:
         elif out.is_file():
             rows += json.loads(out.read_text())["rows"]
     details = {"d": d, "rows": rows, "commands": commands}
-    if problems:
-        raise Fail("; ".join(problems)[:2000], details)
-    return {"status": "passed", "details": details, "skipped_parts": skipped}
+    return _verdict(details, problems, skipped)
 
 
 class GpuMemorySampler:
@@ -355,11 +361,7 @@ def item_bench_train(run: Run) -> dict:
     details = {"rows": rows,
                "note": "images/s, data-wait (fraction of the step time spent waiting for data) and epoch time of "
                        "the last epoch; gpu_mem_peak_mb comes from the loop's metrics where it reports it"}
-    if problems:
-        raise Fail("; ".join(problems)[:2000], details)
-    if not rows:
-        raise Skip("; ".join(skipped))
-    return {"status": "passed", "details": details, "skipped_parts": skipped}
+    return _verdict(details, problems, skipped, rows)
 
 
 def _bench_pipeline(run: Run, backend: str, names: list[str], log: str) -> tuple[list[dict], list[str], list[str]]:
@@ -406,11 +408,7 @@ def item_bench_pipeline(run: Run) -> dict:
         skipped.append("augmenting on the GPU: needs CUDA (smoke augments on the CPU)")
     details = {"rows": rows, "note": "images/s from shards to model-ready (weak, strong, mixup) batches: decoding "
                                      "in CPU workers, augmentation on the training device"}
-    if problems:
-        raise Fail("; ".join(problems)[:2000], details)
-    if not rows:
-        raise Skip("; ".join(skipped))
-    return {"status": "passed", "details": details, "skipped_parts": skipped}
+    return _verdict(details, problems, skipped, rows)
 
 
 def item_bench_dali(run: Run) -> dict:
@@ -421,11 +419,7 @@ def item_bench_dali(run: Run) -> dict:
     rows, problems, skipped = _bench_pipeline(run, "dali", list(run.cfg["dali_sets"]), "bench-dali.log")
     details = {"rows": rows, "note": "DALI's webdataset reader with fn.decoders.image(device='mixed'); PNGs decode "
                                      "on DALI's CPU threads, JPEGs with nvJPEG"}
-    if problems:
-        raise Fail("; ".join(problems)[:2000], details)
-    if not rows:
-        raise Skip("; ".join(skipped))
-    return {"status": "passed", "details": details, "skipped_parts": skipped}
+    return _verdict(details, problems, skipped, rows)
 
 
 PARENT = {
