@@ -124,7 +124,7 @@ def read_json(path, what: str):
         raise UserError(f"{what} not found: {p}")
     try:
         return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too long an integer, too deep
         raise UserError(f"{what} {p} is not valid JSON: {e}") from None
     except OSError as e:
         raise UserError(f"cannot read {what} {p}: {e.strerror or e}") from None

@@ -179,6 +179,17 @@ def test_set_values_are_typed_by_the_fields_annotation():
     assert TrainConfig.from_dict({"lr": 1, "epochs": 3}).lr == 1.0  # an int is a number
 
 
+def test_a_config_built_directly_is_checked_for_type_too():
+    """TrainConfig(...) skips from_dict's typing: a value of another type in a field with choices or a range is
+    still a one-line error naming the option, and None still passes where the field's type allows it."""
+    for values, words in (({"method": 5}, "unknown method 5; expected ccl"),
+                          ({"epochs": "3"}, "epochs must be a whole number, got '3'"),
+                          ({"lr": None}, "lr must be a number, got None")):
+        with pytest.raises(UserError, match=re.escape(words)):
+            TrainConfig(**values).validate()
+    TrainConfig(warmup=None, lr_decay_epoch=None, rolr=config.RoLRConfig(sharpen_t=None)).validate()
+
+
 def _run_cli(monkeypatch, *args):
     """`ccl train ARGS` with the training replaced: the config it would train with."""
     from ccl.cli import app

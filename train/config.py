@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import importlib
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -112,9 +113,6 @@ class CCLConfig:
     ablations: Ablation = opt(factory=Ablation, help="Table 7's ablations, comma-separated: {choices} "
                               "(`--ablate` sets it too).", choices=ABLATIONS, many=True)
 
-    def validate(self) -> None:
-        check_fields(self, "ccl.")
-
 
 @dataclass(frozen=True)
 class RoLRConfig:
@@ -145,9 +143,6 @@ class RoLRConfig:
             return self.sharpen_t
         return 1.0 if self.variant == "code" else 0.5
 
-    def validate(self) -> None:
-        check_fields(self, "rolr.")
-
 
 @dataclass(frozen=True)
 class TCLConfig:
@@ -172,9 +167,6 @@ class TCLConfig:
                            "warms up; ce: plain CE, weak view.", choices=WARMUP_LOSSES)
     proj_dim: int = opt(256, "Projector output (the configs' feat_dim).", ge=1)
     dropout: float = opt(0.25, "In the classifier head (tcl_wrapper.py l.32).", ge=0, lt=1)
-
-    def validate(self) -> None:
-        check_fields(self, "tcl.")
 
 
 @dataclass(frozen=True)
@@ -202,9 +194,6 @@ class DivideMixConfig:
 
     def plus_terms(self) -> frozenset[str]:
         return frozenset(_terms(self.plus))
-
-    def validate(self) -> None:
-        check_fields(self, "dividemix.")
 
 
 @dataclass(frozen=True)
@@ -371,6 +360,11 @@ def format_default(v) -> str:
     return str(v).lower() if isinstance(v, bool) or v is None else str(v)
 
 
+# Each type a field may have, in words: (the README's values column, what an error says a value must be).
+_WORDS = {bool: ("true or false", "true or false"), int: ("integer", "a whole number"), float: ("number", "a number"),
+          str: ("text", "a string")}
+
+
 def values_text(f: dataclasses.Field, tp) -> str:
     """The values a field takes, for the README: its type and range, or its choices."""
     tp, optional = base_type(tp)
@@ -378,35 +372,44 @@ def values_text(f: dataclasses.Field, tp) -> str:
     if names is not None:
         text = ("any of " if f.metadata.get("many") else "") + ", ".join(names)
     else:
-        text = "path" if f.metadata.get("path") else {bool: "true or false", int: "integer", float: "number",
-                                                         str: "text"}[tp]
+        text = "path" if f.metadata.get("path") else _WORDS[tp][0]
         if _has_range(f.metadata):
             text += " " + _range_words(f.metadata, None).removeprefix("be ").removeprefix("lie ")
     return text + (", or none" if optional else "")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checks: one pass over the fields' metadata (types come checked from `from_dict`)
+# Checks: one pass over the fields' metadata (types come checked from `from_dict`; a field with a range or
+# choices checks its own, for a TrainConfig built directly)
 
 
 def check_fields(obj, prefix: str = "") -> None:
-    """Every field of a config (and of its sections) within its range and among its choices; a float finite."""
+    """Every field of a config (and of its sections) within its range and among its choices; a float finite. A
+    value of another type is refused too (a TrainConfig built directly skips `from_dict`'s typing), but None
+    passes where the field's type allows it."""
+    hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         v, key, m = getattr(obj, f.name), prefix + f.name, f.metadata
         if dataclasses.is_dataclass(v) and f.name in SECTIONS and not prefix:
-            v.validate()  # a method section: its own fields, named SECTION.KEY
+            check_fields(v, f"{f.name}.")  # a method section: its own fields, named SECTION.KEY
             continue
+        tp, optional = base_type(hints[f.name])
+        if v is None and optional:
+            continue
+        if _has_range(m):
+            _check(isinstance(v, numbers.Real) and not isinstance(v, bool),
+                   f"{key} must be {_WORDS[tp][1]}{' (or none)' if optional else ''}, got {v!r}")
         if isinstance(v, float):  # inf passes every range check written as a comparison
             _check(math.isfinite(v), f"{key} must {_range_words(m, v) if _has_range(m) else 'be a finite number'}"
                    f"{' (or none)' if f.default is None else ''}, got {v}")
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and _has_range(m):
+        if _has_range(m):
             ok = ((m["ge"] is None or v >= m["ge"]) and (m["gt"] is None or v > m["gt"])
                   and (m["le"] is None or v <= m["le"]) and (m["lt"] is None or v < m["lt"]))
             _check(ok, f"{key} must {_range_words(m, v)}{' (or none)' if f.default is None else ''}, got {v}")
         names = choices(f)
-        if names is not None and isinstance(v, str):
+        if names is not None and not isinstance(v, Ablation):  # an Ablation holds known parts only
             if m["many"]:
-                unknown = [t for t in _terms(v) if t not in names]
+                unknown = [t for t in _terms(v) if t not in names] if isinstance(v, str) else [v]
                 _check(not unknown, f"unknown {key} {', '.join(map(repr, unknown))}; expected any of "
                        f"{', '.join(names)}, comma-separated")
             else:
@@ -473,9 +476,6 @@ def _build(cls, d, prefix: str):
     return cls(**{k: _value(hints[k], v, prefix + k) for k, v in d.items()})
 
 
-_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
-
-
 @functools.cache
 def _adapter(tp):
     from pydantic import TypeAdapter
@@ -506,7 +506,7 @@ def _value(tp, v, key: str):
     try:
         return _adapter(tp).validate_python(v, strict=not isinstance(v, str))
     except ValidationError:
-        raise UserError(f"{key} must be {_WORDS[tp]}{' (or none)' if optional else ''}, got {v!r}") from None
+        raise UserError(f"{key} must be {_WORDS[tp][1]}{' (or none)' if optional else ''}, got {v!r}") from None
 
 
 def parse_ablations(text: str) -> Ablation:

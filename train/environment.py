@@ -7,7 +7,6 @@ versions, the CPU threads and the precision. This record keeps them.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from ccl import files
 from ccl.train import dist
 
 
@@ -89,12 +87,3 @@ def environment(cfg, device: torch.device, amp_dtype: torch.dtype | None) -> dic
         "platform": platform.platform(),
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def record_resume(path, epoch: int, env: dict) -> None:
-    """On --resume: config.json's `resumes` list gains the epoch it continued from and that process's environment
-    (the run may continue on other hardware, or on another number of processes)."""
-    path = Path(path)
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    record.setdefault("resumes", []).append({"from_epoch": epoch, "environment": env})
-    files.write_json(path, record, indent=2)

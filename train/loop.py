@@ -1,11 +1,11 @@
 """The one training loop, a generic driver: data -> device views -> the method's step -> one optimiser; per epoch
 the method's refresh (GMM, centres), evaluation, metrics and the checkpoint.
 
-It knows nothing of a method's nets or label confidence: a method supplies its step, its samplers and its
-per-sample state (kept across ranks by its `begin_epoch` / `end_epoch`) through the interface in
-`ccl.train.methods.base`; the loop reads `method.active` to point its samplers at the trained samples. The
-step's logged parts stay on the device; the host reads them once per
-`log_every` steps and once at the end of each epoch.
+It knows nothing of what a method's nets compute or of its label confidence: a method supplies its step, its
+samplers and its per-sample state (kept across ranks by its `begin_epoch` / `end_epoch`) through the interface in
+`ccl.train.methods.base`, which lists the few attributes the loop reads (`method.active` points its samplers at the
+trained samples). The step's logged parts stay on the device; the host reads them once per `log_every` steps and
+once at the end of each epoch.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ccl.train import checkpoint as ckpt
 from ccl.train import resume as resume_check
 from ccl.train import dist, rundir
 from ccl.train.config import TrainConfig
-from ccl.train.environment import environment, git_sha, record_resume
+from ccl.train.environment import environment, git_sha
 from ccl.train.methods import Method, Rng, build_method
 from ccl.train.metrics import Accuracy, DeviceMeter, MetricsLog, summarize
 from ccl.train.tracking import NullLogger, global_step, make_logger
@@ -486,9 +486,8 @@ def _resume(run: Run, run_dir: Path, opt, scaler, rng: Rng, log: MetricsLog, all
         dist.reseed(rng, cfg.seed, start)
     if main:
         log.truncate_after(state["epoch"])
-        if changes:
-            resume_check.record_changes(run_dir / "config.json", start, changes, cfg)
-        record_resume(run_dir / "config.json", start, environment(cfg, device, amp_dtype(device, cfg.amp)))
+        env = environment(cfg, device, amp_dtype(device, cfg.amp))
+        resume_check.record_resume(run_dir / "config.json", start, env, changes, cfg)
     return start, best, best_epoch
 
 

@@ -3,10 +3,10 @@ checkpoint (`restore`, for evaluation and analysis) and `ccl eval` (`evaluate_ch
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
+from ccl import files
 from ccl.errors import UserError
 from ccl.pipeline.shards import ShardSet
 from ccl.train import checkpoint as ckpt
@@ -27,10 +27,12 @@ def _saved_config(cfg: TrainConfig) -> dict:
     run_dir = rundir.find(cfg, dataset)
     if run_dir is None:
         raise UserError(f"nothing to resume: no checkpoint under {Path(cfg.out) / rundir.default_base(cfg, dataset)}")
+    path = run_dir / "config.json"
+    record = files.read_json(path, "run config")  # missing, unreadable or not JSON: one line saying which
     try:
-        return json.loads((run_dir / "config.json").read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"cannot read {run_dir / 'config.json'}: the run to resume has no readable config") from None
+        return record["config"]
+    except (KeyError, TypeError):
+        raise UserError(f"cannot read {path}: the run to resume has no readable config") from None
 
 
 def restore(checkpoint: Path, data: Path | None = None, device: str = "auto") -> tuple[Run, dict]:

@@ -40,8 +40,15 @@ def config_changes(saved: dict, cfg: TrainConfig, allow: bool, free: tuple[str, 
     return changes
 
 
-def record_changes(path: Path, epoch: int, changes: dict, cfg: TrainConfig) -> None:
+def record_resume(path: Path, epoch: int, env: dict, changes: dict, cfg: TrainConfig) -> None:
+    """On --resume: config.json gains a `resumes` entry, the epoch it continued from and that process's environment
+    (the run may continue on other hardware, or on another number of processes); with allowed `changes`, also a
+    `changes` entry and the config now in force. One write, so that a kill cannot keep the changes without the
+    resume that made them."""
     record = json.loads(path.read_text()) if path.is_file() else {}
-    record.setdefault("changes", []).append({"from_epoch": epoch, "changed": {k: list(v) for k, v in changes.items()}})
-    record["config"] = cfg.to_dict()
+    if changes:
+        record.setdefault("changes", []).append({"from_epoch": epoch,
+                                                 "changed": {k: list(v) for k, v in changes.items()}})
+        record["config"] = cfg.to_dict()
+    record.setdefault("resumes", []).append({"from_epoch": epoch, "environment": env})
     files.write_json(path, record)

@@ -5,6 +5,8 @@ and MoCo v3's modules do. The loop (ccl.train.loop) drives any method through th
 
     views(epoch)                  the views one step needs, in order: ("weak",), ("weak", "strong"), ...
     passes(epoch)                 passes over the training data this epoch (2 for the alternate twin schedule)
+    training_nets(epoch, pass)    the nets that learn in a pass (the loop counts each one's steps and images)
+    warming_up(epoch)             whether the epoch is a warm-up epoch (logged with it)
     streams(epoch, pass)          the samplers of a pass (`Stream`): by default one, every trained sample once at
                                   the run's batch size; DivideMix draws a labelled and an unlabelled batch per step
     forward(batch, views, epoch, pass_index, rng) -> Step
@@ -21,9 +23,11 @@ and MoCo v3's modules do. The loop (ccl.train.loop) drives any method through th
     detection(noisy, clean)       how well the label confidence finds the clean labels, when they are known
 
 The loop owns data, views, precision, the one optimiser, evaluation, checkpoints and logging; it knows nothing of
-how many nets a method has or what its confidence is. Two things it does read: `active` (which samples its
-samplers draw from) and `w` (checked equal on every rank after a refresh). A new method is one file and one
-registry line.
+what a method's nets compute or what its confidence is. Besides the calls above it reads a few attributes: `active`
+(which samples its samplers draw from), `w` (checked equal on every rank after a refresh), `num_nets` and `nets`
+(each net's step and image counts; the nets it compiles and tracks), `warmup` and `default_warmup` (patience counts
+from the warm-up's end; a warning when it covers the whole run) and `name` (in a message). A new method is one file
+and one registry line.
 """
 
 from __future__ import annotations
@@ -195,7 +199,7 @@ class Method(nn.Module):
 
         Under torchrun each rank's pass reads its own part of the training set: the losses of the others' samples
         are zeroed first and summed over ranks after, so every rank fits the GMM on the whole set. (The inline
-        losses were merged by the loop already.)"""
+        losses were merged by `end_epoch` already.)"""
         full_pass = batches is not None
         if full_pass:
             dist.clear_owned_(self.sample_loss)
