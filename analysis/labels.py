@@ -31,11 +31,9 @@ cross-validation with the project's own trainer (`ccl.analysis.crossval`), and r
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -47,27 +45,20 @@ import typer
 from ccl import files
 from ccl.errors import Interrupted, UserError
 from ccl.analysis.inference import iter_logits, resolve_checkpoint
-from ccl.analysis.labels_scoring import GMM_DECISION, correction, estimate_w, issue_metrics, rank_score
-from ccl.analysis.labels_table import LabelTable, build_table, contact_sheet, default_out, write_table
+from ccl.analysis.labels_scoring import (
+    GMM_DECISION, check_rate, correction, estimate_w, issue_metrics, rank_score,
+)  # fmt: skip
+from ccl.analysis.labels_table import (
+    HeadSummary, LabelTable, build_table, check_out, contact_sheet, default_out, write_table,
+)  # fmt: skip
 from ccl.pipeline.shards import SampleLocations, sample_locations
+from ccl.train.metrics import DamagedLog, MetricsLog
 
 GRID_DEFAULT = 64  # suspects on the contact sheet when --top is not given
 
 # ----------------------------------------------------------------------------------------------------------------
 # Predictions: one pass over a split, kept as per-sample summaries (never the [N, C] matrix, which for WebVision
 # would be gigabytes)
-
-
-@dataclass
-class HeadSummary:
-    """What the table needs of one prediction head (a net, or the ensemble), per sample [N]."""
-
-    pred: np.ndarray  # int64: argmax class
-    prob: np.ndarray  # float32: probability of pred
-    p_given: np.ndarray  # float32: probability of the given label
-    ce: np.ndarray  # float32: CE of the given label, -log p_given (the GMM's input)
-    alt: np.ndarray  # int64: the most probable class other than the given label
-    p_alt: np.ndarray  # float32: its probability
 
 
 def summarize_probs(logp: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -87,16 +78,12 @@ def predict(run, split: str, *, batch_size: int = 256, workers: int = 0) -> tupl
     fields = ("pred", "prob", "p_given", "ce", "alt", "p_alt")
     buf = [{f: torch.zeros(n, dtype=torch.int64 if f in ("pred", "alt") else torch.float32) for f in fields}
            for _ in range(k_nets + 1)]
-    seen = torch.zeros(n, dtype=torch.bool)
     for index, label, logits in iter_logits(run, split, batch_size=batch_size, workers=workers):
         index = index.cpu()
         heads = list(logits) + [logits.sum(0)]  # K nets, then the ensemble
         for b, head in zip(buf, heads):
             for f, v in summarize_probs(F.log_softmax(head, dim=1), label).items():
                 b[f][index] = v.cpu().to(b[f].dtype)
-        seen[index] = True
-    if not bool(seen.all()):
-        raise UserError(f"split {split!r}: {int((~seen).sum())} samples could not be read (corrupt images?)")
     out = [HeadSummary(**{f: b[f].numpy() for f in fields}) for b in buf]
     return out[:-1], out[-1]
 
@@ -106,16 +93,16 @@ def predict(run, split: str, *, batch_size: int = 256, workers: int = 0) -> tupl
 
 
 def run_train_seconds(run_dir: Path) -> float | None:
-    """Training time the run logged (the sum of its epochs' training and confidence-estimation time)."""
+    """Training time the run logged (the sum of its epochs' training and confidence-estimation time); None when
+    it has no metrics.jsonl, or a damaged one (a torn last line is left out, as training leaves it out)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None
-    total = 0.0
-    for line in path.read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            total += float(r.get("epoch_time", 0.0)) + float(r.get("estimate_time", 0.0))
-    return total
+    try:
+        history = MetricsLog(path).read()
+    except DamagedLog:
+        return None
+    return sum(float(r.get("epoch_time", 0.0)) + float(r.get("estimate_time", 0.0)) for r in history)
 
 
 W_SOURCES = ("eval", "run")
@@ -235,9 +222,8 @@ def labels_report(run_path: Path, split: str = "train", *, out: Path | None = No
     cleanlab "compare"}."""
     from ccl.train.restore import restore
 
-    if rate is not None and not 0 < rate <= 1:
-        raise UserError(f"--rate must lie in (0, 1], got {rate:g}")
-    check_w_source(w_from)  # before the run is restored
+    check_rate(rate)  # the arguments are checked before the run is restored
+    check_w_source(w_from)
     if folds < 2:
         raise UserError(f"--folds must be at least 2, got {folds}")
     if cleanlab:
@@ -245,8 +231,7 @@ def labels_report(run_path: Path, split: str = "train", *, out: Path | None = No
     ck = resolve_checkpoint(run_path)
     run_dir = ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent
     out = Path(out) if out else default_out(run_dir, split)
-    if out.suffix.lower() not in (".csv", ".parquet"):
-        raise UserError(f"--out {out}: expected a .csv or .parquet file name")
+    check_out(out)
     t0 = time.perf_counter()
     run, _ = restore(ck, data=data, device=device)
     table, locations, given, clean = label_table(run, split, w_from=w_from, rate=rate, batch_size=batch_size,
@@ -261,7 +246,10 @@ def labels_report(run_path: Path, split: str = "train", *, out: Path | None = No
     result["format"] = write_table(table, out)
     if grid:
         png = out.with_suffix(".png")
-        contact_sheet(table, locations, png, grid)
+        try:
+            contact_sheet(table, locations, png, grid)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted; the table was written to {out}, the contact sheet was not") from None
         result["grid"] = str(png)
     result["table"] = table
     return result
@@ -388,7 +376,7 @@ def labels_cmd(
                                cleanlab=compare_cleanlab, folds=folds, cv_epochs=cv_epochs, data=data,
                                device=device, batch_size=batch_size, workers=workers,
                                log=lambda s: err.print(s, highlight=False, soft_wrap=True))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # before the table was written (`labels_report` says so once it is)
         raise Interrupted("interrupted; nothing was written") from None
     console = Console()
     print_report(result, rate, console)

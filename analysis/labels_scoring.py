@@ -56,13 +56,18 @@ def suspicion_order(w: np.ndarray, p_given: np.ndarray) -> np.ndarray:
     return np.lexsort((np.arange(n), p_given, w))
 
 
+def check_rate(rate: float | None) -> None:
+    """`--rate`, when given, is a fraction in (0, 1]."""
+    if rate is not None and not 0 < rate <= 1:
+        raise UserError(f"--rate must lie in (0, 1], got {rate:g}")
+
+
 def suspect_flags(order: np.ndarray, w: np.ndarray, rate: float | None = None) -> np.ndarray:
     """bool [N] by sample index: w below the GMM decision point, or with `rate` the round(rate * N) first
     samples of `order`."""
     if rate is None:
         return w < GMM_DECISION
-    if not 0 < rate <= 1:
-        raise UserError(f"--rate must lie in (0, 1], got {rate:g}")
+    check_rate(rate)
     flags = np.zeros(len(order), dtype=bool)
     flags[order[: round(rate * len(order))]] = True
     return flags

@@ -7,7 +7,6 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,8 +15,17 @@ from ccl.analysis.labels_scoring import refurbished_labels, suggested_labels, su
 from ccl.errors import UserError
 from ccl.pipeline.shards import SampleLocations
 
-if TYPE_CHECKING:
-    from ccl.analysis.labels import HeadSummary
+
+@dataclass
+class HeadSummary:
+    """What the table needs of one prediction head (a net, or the ensemble), per sample [N]."""
+
+    pred: np.ndarray  # int64: argmax class
+    prob: np.ndarray  # float32: probability of pred
+    p_given: np.ndarray  # float32: probability of the given label
+    ce: np.ndarray  # float32: CE of the given label, -log p_given (the GMM's input)
+    alt: np.ndarray  # int64: the most probable class other than the given label
+    p_alt: np.ndarray  # float32: its probability
 
 
 @dataclass
@@ -73,12 +81,18 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def check_out(path: Path) -> str:
+    """The table's file name ends in .csv or .parquet; returns that suffix, lower case."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise UserError(f"--out {path}: expected a .csv or .parquet file name")
+    return suffix
+
+
 def write_table(table: LabelTable, path: Path) -> str:
     """Write the rows to `path`: Parquet for a .parquet name (needs pyarrow), CSV for a .csv name."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise UserError(f"--out {path}: expected a .csv or .parquet file name")
+    suffix = check_out(path)
     files.make_dir(path.parent)
     if suffix == ".parquet":
         try:
@@ -175,6 +189,6 @@ def contact_sheet(table: LabelTable, locations: SampleLocations, path: Path, cou
         draw.text((x0 + 2, y0 + tile + 2), line1, fill="black", font=font)
         draw.text((x0 + 2, y0 + tile + 15), line2, fill="firebrick" if c["suspect"][t] else "black", font=font)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    files.make_dir(path.parent)
+    files.write_atomic(path, lambda f: sheet.save(f, format="PNG"))
     return count

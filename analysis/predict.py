@@ -18,7 +18,6 @@ run both.
 from __future__ import annotations
 
 import csv
-import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,10 +97,10 @@ def collect(inputs: list[Path], split: str) -> tuple[list[Item], dict]:
             items += [Item(f"{p}:{split}/{loc.key[i]}", None, i, int(given[i]), int(clean[i]))
                       for i in range(len(given))]
         elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in FOLDER_EXTS and f.is_file())
-            if not files:
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in FOLDER_EXTS and f.is_file())
+            if not found:
                 raise UserError(f"{p}: no image files ({', '.join(FOLDER_EXTS)}) in it or below it")
-            items += [Item(str(f), f) for f in files]
+            items += [Item(str(f), f) for f in found]
         else:
             raise UserError(f"not found: {p} (expected image files, folders of them, or a shard set)")
     if not items:
@@ -218,9 +217,9 @@ def write_csv(result: dict, path: Path) -> None:
     if result["labelled"]:
         head += ["label", "true"]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "w", newline="") as f:
+    files.make_dir(path.parent)
+
+    def rows(f) -> None:
         out = csv.writer(f)
         out.writerow(head)
         for item, c, p in result["rows"]:
@@ -230,7 +229,8 @@ def write_csv(result: dict, path: Path) -> None:
             if result["labelled"]:
                 row += [item.label, item.clean]
             out.writerow(row)
-    os.replace(tmp, path)
+
+    files.write_text(path, rows)  # a killed write leaves no half table under the final name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,7 +279,7 @@ def torchvision_spec(run, nets: list[int]) -> dict | None:
 def export(run_path: Path, out: Path, *, net: int | None = None, device: str = "cpu", data: Path | None = None) -> dict:
     """Write the run's networks (all, or net `net`) to `out` (safetensors) and the sidecar `out`.json; returns
     the sidecar."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from ccl.analysis.inference import resolve_checkpoint
     from ccl.train.restore import restore
@@ -308,9 +308,10 @@ def export(run_path: Path, out: Path, *, net: int | None = None, device: str = "
         "source": {"checkpoint": str(ck), "epoch": state["epoch"] + 1, "method": run.cfg.method,
                    "dataset": run.identity["dataset"]},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata={"format": EXPORT_FORMAT, "sidecar": out.with_suffix(".json").name})
-    files.write_json(out.with_suffix(".json"), meta, indent=2)
+    files.make_dir(out.parent)
+    sidecar = out.with_suffix(".json")
+    files.write_atomic(out, save(tensors, metadata={"format": EXPORT_FORMAT, "sidecar": sidecar.name}))
+    files.write_json(sidecar, meta, indent=2)
     return meta
 
 

@@ -276,7 +276,7 @@ def markdown(rows: list[dict], metric: str = DEFAULT_METRIC, keys: list[str] | N
 def write(rows: list[dict], md_path: Path, metric: str, keys: list[str] | None = None) -> tuple[Path, Path]:
     """RUNS.md and RUNS.json beside it."""
     md_path = Path(md_path)
-    md_path.parent.mkdir(parents=True, exist_ok=True)
+    files.make_dir(md_path.parent)
     files.write_atomic(md_path, markdown(rows, metric, keys))
     json_path = md_path.with_suffix(".json")
     files.write_json(json_path, rows, indent=2)

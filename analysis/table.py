@@ -17,7 +17,6 @@ from the same record's per-epoch history.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -27,11 +26,11 @@ from typing import Optional  # the command's annotations are evaluated in this m
 import typer
 
 from rich.console import Console
-from rich.progress import Progress
 
 from ccl import files
 from ccl.analysis import runs
 from ccl.errors import UserError
+from ccl.progress import bar as progress_bar
 from ccl.train.config import SECTIONS, TrainConfig, apply_overrides, load_config_file
 from ccl.train.loop import train
 from ccl.train.resume import FREE_ON_RESUME, config_changes
@@ -142,7 +141,7 @@ def run_table(*, methods, noise, seeds, epochs, warmup, arch, out: Path, data=No
     cells = grid_cells(methods, parse_grid(list(grid)), common)
     todo = [(cell, col, seed) for col in columns for seed in seeds for cell in cells]
     results: dict[str, dict] = {}
-    with Progress(console=console) as bar:
+    with progress_bar(True, console=console, remaining=True) as bar:
         task = bar.add_task("grid", total=len(todo))
         for cell, col, seed in todo:
             name = run_name(cell, col, seed)
@@ -152,7 +151,8 @@ def run_table(*, methods, noise, seeds, epochs, warmup, arch, out: Path, data=No
                                      [f"{k}={v}" for k, v in cell.settings])
             cfg = TrainConfig.from_dict(values)
             if done.is_file():
-                _check_same(run_dir, cfg)
+                record = runs.read_run(run_dir)
+                _check_same(run_dir, record["config"], cfg)
             else:
                 bar.update(task, description=f"{name}")
                 t0 = time.perf_counter()
@@ -160,21 +160,23 @@ def run_table(*, methods, noise, seeds, epochs, warmup, arch, out: Path, data=No
                 summary = train(cfg, resume=resume, progress=False)
                 summary["wall_time_s"] = time.perf_counter() - t0  # of this process only, when the run was resumed
                 files.write_json(done, summary, indent=2)
-            results[name] = runs.read_run(run_dir)
+                record = runs.read_run(run_dir)
+            results[name] = record
             bar.advance(task)
     table = aggregate(results, cells, columns, seeds)
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_dir(out)
     files.write_json(out / "table.json", table, indent=2)
     files.write_atomic(out / "table.md", markdown(table, columns))
     console.print((out / "table.md").read_text())
     return table
 
 
-def _check_same(run_dir: Path, cfg: TrainConfig) -> None:
-    """A finished run is read back only when it was trained with this config: a name holds the grid's settings
-    alone, so another --set, --extra or --epochs in the same --out would otherwise report the old run."""
+def _check_same(run_dir: Path, saved: dict, cfg: TrainConfig) -> None:
+    """A finished run is read back only when it was trained with this config (`saved`: the config its
+    config.json holds): a name holds the grid's settings alone, so another --set, --extra or --epochs in the same
+    --out would otherwise report the old run."""
     free = tuple(k for k in FREE_ON_RESUME if k not in ("epochs", "patience"))  # they change what a run reports
-    changes = config_changes(_read(run_dir / "config.json").get("config", {}), cfg, allow=True, free=free)
+    changes = config_changes(saved, cfg, allow=True, free=free)
     changes = {k: v for k, v in changes.items() if v[1] is not None}  # unset here: the run resolved it (num_classes)
     if changes:
         first = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(changes.items())[:3])
@@ -185,10 +187,6 @@ def run_name(cell: Cell, col: Column, seed: int) -> str:
     return f"{cell.method}-{col.token}{cell.token}-s{seed}"
 
 
-def _read(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def at_steps(record: dict, budget: float) -> dict:
     """Test and held-out accuracy of a run (a `runs.read_run` record) at its last epoch within `budget` optimiser
     steps per net, from its per-epoch history (empty when it has no such epoch, or no curve)."""
@@ -197,7 +195,7 @@ def at_steps(record: dict, budget: float) -> dict:
         steps += r.get("steps_per_net", 0)
         if steps > budget + 1e-6:
             break
-        last = {"test_equal_steps": r.get("ens_top1"), "val_equal_steps": r.get("val_ens_top1"), "steps": steps}
+        last = {"test_equal_steps": r.get("ens_top1"), "val_equal_steps": r.get("val_ens_top1")}
     return last
 
 
@@ -216,8 +214,7 @@ def aggregate(results: dict, cells: list[Cell], columns: list[Column], seeds) ->
             members = []
             for s in seeds:
                 r = records[run_name(cell, col, s)]
-                equal = {k: v for k, v in at_steps(r, budget).items() if k != "steps"}
-                members.append({**r, "summary": {**r["summary"], **equal}})
+                members.append({**r, "summary": {**r["summary"], **at_steps(r, budget)}})
             (row,) = runs.summarise(members, [], "test_last10_mean", figures)
             table[f"{cell.method}|{cell.label}|{col.label}"] = {
                 "method": cell.method, "reading": cell.label, "settings": dict(cell.settings), "column": col.label,

@@ -1,9 +1,9 @@
 """`ccl bench arch`: parameter count and training-step time of the networks, side by side in one run.
 
 The step is what training does per batch on one net: forward, cross-entropy, backward and an SGD step, on
-random 32 x 32 images (the CIFAR stem) or 224 x 224 ones, in float32 on the chosen device. The archs' steps
-are interleaved round by round, so that load from other processes hits them alike; the median over rounds is
-reported, with each arch's ratio to the first.
+random 32 x 32 images (the CIFAR stem) or 224 x 224 ones, in float32 on the chosen device, in the memory layout
+training uses there (`ccl.model.memory_format`). The archs' steps are interleaved round by round, so that load
+from other processes hits them alike; the median over rounds is reported, with each arch's ratio to the first.
 """
 
 from __future__ import annotations
@@ -17,13 +17,18 @@ import torch.nn.functional as F
 
 from ccl import files
 from ccl.errors import UserError
-from ccl.model import ARCHS, build_nets
+from ccl.model import ARCHS, build_nets, memory_format
 
 
 def parameter_count(arch: str, num_classes: int = 10, small_input: bool = True) -> dict[str, int]:
     """Parameters of the classifier network (backbone + classifier) and of the whole net with its projection
     head, as ccl builds it."""
     (net,) = build_nets(arch, num_classes, 1, small_input, seed=0)
+    return count_parameters(net)
+
+
+def count_parameters(net: torch.nn.Module) -> dict[str, int]:
+    """`parameter_count` of a network already built."""
     total = sum(p.numel() for p in net.parameters())
     head = sum(p.numel() for n, p in net.named_parameters() if n.startswith("head."))
     return {"classifier": total - head, "total": total}
@@ -36,12 +41,16 @@ def bench_arch(archs=("resnet18", "preact_resnet18"), *, batch_size: int = 64, r
         raise UserError(f"unknown arch {unknown[0]!r}: expected one of {', '.join(ARCHS)}")
     if batch_size < 2 or rounds < 1:
         raise UserError(f"--batch-size must be at least 2 and --rounds at least 1, got {batch_size} and {rounds}")
-    dev = torch.device(device)
+    from ccl.train.loop import resolve_device
+
+    dev = resolve_device(device)
+    layout = memory_format(dev)  # as training lays out its nets and images on the device
     small = size <= 64
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 3, size, size, generator=gen).to(dev)
+    x = torch.randn(batch_size, 3, size, size, generator=gen).to(dev, memory_format=layout)
     y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
-    nets = {a: build_nets(a, num_classes, 1, small, seed=0)[0].to(dev).train() for a in archs}
+    nets = {a: build_nets(a, num_classes, 1, small, seed=0)[0].to(dev, memory_format=layout).train() for a in archs}
+    counts = {a: count_parameters(n) for a, n in nets.items()}
     opts = {a: torch.optim.SGD(n.parameters(), lr=0.01, momentum=0.9) for a, n in nets.items()}
 
     def step(a: str) -> float:
@@ -64,7 +73,7 @@ def bench_arch(archs=("resnet18", "preact_resnet18"), *, batch_size: int = 64, r
     rows = []
     for a in archs:
         med = statistics.median(times[a])
-        rows.append({"arch": a, **{f"params_{k}": v for k, v in parameter_count(a, num_classes, small).items()},
+        rows.append({"arch": a, **{f"params_{k}": v for k, v in counts[a].items()},
                      "step_ms": 1000 * med, "images_per_s": batch_size / med, "batch_size": batch_size,
                      "size": size, "device": str(dev), "threads": torch.get_num_threads()})
     base = rows[0]["step_ms"]

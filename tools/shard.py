@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ccl import errors
     from ccl.errors import UserError
 
     try:
@@ -106,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
             **({} if args.max_image_bytes is None else {"max_image_bytes": args.max_image_bytes}),
         )
         result = convert(args.format, src, out, opts, log=lambda s: print(s, file=sys.stderr))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except errors.Stop as e:  # bad input (exit 2), or a conversion that cannot go on: one line, its exit code
+        print(errors.message(e), file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: OUT has no manifest.json; rerun to convert again", file=sys.stderr)
         return 130

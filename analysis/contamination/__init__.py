@@ -6,8 +6,7 @@
 - `report`: `analyze(runs, out)` writes analysis.json and the self-contained report.html, from the logits and
   embeddings `ccl.train.track.forward_arrays` collects;
 - `cli`: the Typer command and `register(app)`.
+
+Nothing is imported here: `ccl` registers the command through `cli` on every invocation, and `report` loads
+matplotlib and the trainer, which only `ccl analyze` needs.
 """
-
-from ccl.analysis.contamination.report import Settings, analyze
-
-__all__ = ["Settings", "analyze"]

@@ -8,7 +8,6 @@ self-contained page with the runs side by side (images embedded as data URIs: th
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -21,6 +20,8 @@ from ccl.errors import UserError
 from ccl.progress import bar as progress_bar
 from ccl import contamination as M
 from ccl.analysis.contamination import plots
+from ccl.analysis.inference import resolve_checkpoint
+from ccl.train.metrics import DamagedLog, MetricsLog
 from ccl.train.track import SPACES, forward_arrays
 from ccl.analysis.contamination.taxonomy import Taxonomy, resolve_taxonomies
 
@@ -57,26 +58,13 @@ class Settings:
         return self
 
 
-def checkpoint_of(run_dir: Path, which: str) -> Path:
-    if not run_dir.is_dir():
-        raise UserError(f"run directory not found: {run_dir}")
-    ck = run_dir / "checkpoints" / f"{which}.pt"
-    if not ck.is_file():
-        raise UserError(f"{run_dir}: no checkpoints/{which}.pt (a run directory written by `ccl train` holds one)")
-    return ck
-
-
 def read_history(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    """The run's per-epoch records for the curves (a torn last line left out); none when metrics.jsonl is missing
+    or damaged, since then its history cannot be trusted."""
+    try:
+        return MetricsLog(run_dir / "metrics.jsonl").read()
+    except DamagedLog:
         return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break  # a line cut short by a killed run: the epochs before it still count
-    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -93,7 +81,7 @@ def analyze_run(run_dir: Path, s: Settings, bar=None) -> tuple[dict, dict]:
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir)
-    ck = checkpoint_of(run_dir, s.checkpoint)
+    ck = resolve_checkpoint(run_dir, s.checkpoint, file_ok=False)
     run, state = restore(ck, data=s.data, device=s.device)
     shards = run.shards
     if s.split not in shards.splits:
@@ -106,7 +94,7 @@ def analyze_run(run_dir: Path, s: Settings, bar=None) -> tuple[dict, dict]:
 
     # One pass over the split: logits and embeddings of every net.
     loader = make_loader(shards, s.split, batch_size=s.batch_size, train=False, device=run.device, num_workers=0)
-    eval_view = getattr(run.aug, "eval_view", None) or run.aug.eval
+    eval_view = run.aug.eval_view
     noisy_parts, clean_parts = [], []
 
     def images():
@@ -288,7 +276,7 @@ def analyze(runs: list[str | Path], out: str | Path, settings: Settings = Settin
         raise UserError("name at least one run directory")
     run_dirs = [Path(r) for r in runs]
     for r in run_dirs:
-        checkpoint_of(r, s.checkpoint)  # every run is checked before the first long pass
+        resolve_checkpoint(r, s.checkpoint, file_ok=False)  # every run is checked before the first long pass
     if s.taxonomy is not None and not Path(s.taxonomy).is_file():
         raise UserError(f"taxonomy file not found: {s.taxonomy}")
     out = Path(out)
@@ -302,7 +290,7 @@ def analyze(runs: list[str | Path], out: str | Path, settings: Settings = Settin
                 console.print(f"analysed {r} in {rec['seconds']:.1f} s")
     analysis = {"version": 1, "created": datetime.datetime.now().isoformat(timespec="seconds"),
                 "settings": asdict(s), "summary": summary_rows(records), "runs": records}
-    out.mkdir(parents=True, exist_ok=True)
+    files.make_dir(out)
     files.write_json(out / "analysis.json", _json_safe(analysis), indent=1)
     files.write_atomic(out / "report.html", render(analysis, figures))
     return analysis
