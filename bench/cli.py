@@ -50,7 +50,7 @@ def bench_arch_cmd(
     batch_size: int = typer.Option(64, help="Batch size."),
     size: int = typer.Option(32, help="Image side in pixels (at most 64: the CIFAR stem)."),
     rounds: int = typer.Option(5, help="Timed steps per network, interleaved."),
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or auto (cuda when available)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this file."),
 ):
     """Parameter count and training-step time of networks (forward, CE, backward, SGD), side by side."""
